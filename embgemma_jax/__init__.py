@@ -1,0 +1,24 @@
+"""embgemma_jax: EmbeddingGemma-300M in JAX/Flax with numerical parity to sentence-transformers."""
+
+from embgemma_jax.checkpoint import Checkpoint, convert, load_checkpoint
+from embgemma_jax.config import EMBEDDINGGEMMA_300M, MATRYOSHKA_DIMS, CheckpointError, EmbeddingGemmaConfig
+from embgemma_jax.encode import EmbeddingGemma
+from embgemma_jax.model import EmbeddingGemmaModule, Encoder, EncoderOutput
+from embgemma_jax.tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EMBEDDINGGEMMA_300M",
+    "MATRYOSHKA_DIMS",
+    "Checkpoint",
+    "CheckpointError",
+    "EmbeddingGemma",
+    "EmbeddingGemmaConfig",
+    "EmbeddingGemmaModule",
+    "Encoder",
+    "EncoderOutput",
+    "Tokenizer",
+    "convert",
+    "load_checkpoint",
+]

@@ -1,0 +1,215 @@
+"""Model configuration: one frozen dataclass for the whole embedding pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+LAYER_TYPES = (SLIDING, FULL)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file is missing, malformed or not an EmbeddingGemma checkpoint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingGemmaConfig:
+    """Everything that fixes the computation, from token ids to the normalized embedding.
+
+    Field names follow the Hugging Face Gemma 3 config where one exists. ``sliding_window`` is the value
+    in ``config.json`` (512 for the real model); the attention radius is ``sliding_window // 2``.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    query_pre_attn_scalar: float
+    rms_norm_eps: float
+    rope_global_base: float
+    rope_local_base: float
+    sliding_window: int
+    layer_types: tuple[str, ...]
+    max_position_embeddings: int
+    max_seq_length: int
+    dense_features: tuple[int, ...]  # output widths of the dense head, e.g. (3072, 768)
+    pooling_mode: str = "mean"
+    include_prompt: bool = True
+    normalize: bool = True
+    hidden_activation: str = "gelu_pytorch_tanh"
+    pad_token_id: int = 0
+    bos_token_id: int = 2
+    eos_token_id: int = 1
+
+    def __post_init__(self) -> None:
+        if len(self.layer_types) != self.num_layers:
+            raise CheckpointError(
+                f"layer_types has {len(self.layer_types)} entries but num_layers is {self.num_layers}"
+            )
+        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if bad:
+            raise CheckpointError(f"unknown layer types {bad}; expected only {list(LAYER_TYPES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise CheckpointError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise CheckpointError(
+                f"hidden_activation={self.hidden_activation!r} is not supported; expected 'gelu_pytorch_tanh'"
+            )
+        if self.max_seq_length < 2:
+            raise CheckpointError(f"max_seq_length={self.max_seq_length} leaves no room for BOS and EOS")
+
+    @property
+    def window_radius(self) -> int:
+        """A query at i sees keys j with |i - j| <= radius on sliding layers."""
+        return self.sliding_window // 2
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.dense_features[-1] if self.dense_features else self.hidden_size
+
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(self.hidden_size)
+
+    def num_params(self) -> int:
+        d, f, n, k, h = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+        attn = d * n * h + 2 * d * k * h + n * h * d + 2 * h
+        layer = attn + 3 * d * f + 4 * d
+        dense, prev = 0, d
+        for width in self.dense_features:
+            dense += prev * width
+            prev = width
+        return self.vocab_size * d + self.num_layers * layer + d + dense
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["layer_types"] = list(self.layer_types)
+        out["dense_features"] = list(self.dense_features)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EmbeddingGemmaConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise CheckpointError(f"unknown config fields {unknown}")
+        d = dict(d)
+        d["layer_types"] = tuple(d["layer_types"])
+        d["dense_features"] = tuple(d["dense_features"])
+        return cls(**d)
+
+    @classmethod
+    def from_hf_config(
+        cls,
+        hf: dict[str, Any],
+        *,
+        max_seq_length: int | None = None,
+        dense_features: tuple[int, ...] = (3072, 768),
+        pooling_mode: str = "mean",
+        include_prompt: bool = True,
+        normalize: bool = True,
+    ) -> EmbeddingGemmaConfig:
+        """Builds the config from a parsed Gemma 3 ``config.json`` (old or new RoPE format)."""
+        model_type = hf.get("model_type")
+        if model_type != "gemma3_text":
+            raise CheckpointError(f"config.json has model_type={model_type!r}; expected 'gemma3_text'")
+        if hf.get("use_bidirectional_attention") is not True:
+            raise CheckpointError(
+                "config.json must set use_bidirectional_attention: true (EmbeddingGemma is a bidirectional "
+                f"encoder); found {hf.get('use_bidirectional_attention')!r}. A causal Gemma 3 is not an "
+                "EmbeddingGemma checkpoint."
+            )
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if hf.get(key) is not None:
+                raise CheckpointError(f"config.json sets {key}={hf[key]!r}; softcapping is not supported")
+        if hf.get("attention_bias"):
+            raise CheckpointError("config.json sets attention_bias: true; EmbeddingGemma has no biases")
+
+        rope = hf.get("rope_parameters") or {}
+        global_base = (rope.get(FULL) or {}).get("rope_theta", hf.get("rope_theta", 1_000_000.0))
+        local_base = (rope.get(SLIDING) or {}).get("rope_theta", hf.get("rope_local_base_freq", 10_000.0))
+        for lt, params in rope.items():
+            if params and params.get("rope_type", "default") != "default":
+                raise CheckpointError(f"rope_type {params['rope_type']!r} for {lt} is not supported")
+        if hf.get("rope_scaling"):
+            raise CheckpointError(f"rope_scaling={hf['rope_scaling']!r} is not supported")
+
+        num_layers = int(hf["num_hidden_layers"])
+        layer_types = hf.get("layer_types")
+        if layer_types is None:
+            pattern = int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)))
+            layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(num_layers)]
+        max_pos = int(hf.get("max_position_embeddings", 2048))
+        return cls(
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=num_layers,
+            num_heads=int(hf["num_attention_heads"]),
+            num_kv_heads=int(hf["num_key_value_heads"]),
+            head_dim=int(hf.get("head_dim", int(hf["hidden_size"]) // int(hf["num_attention_heads"]))),
+            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_global_base=float(global_base),
+            rope_local_base=float(local_base),
+            sliding_window=int(hf["sliding_window"]),
+            layer_types=tuple(layer_types),
+            max_position_embeddings=max_pos,
+            max_seq_length=int(max_seq_length if max_seq_length is not None else max_pos),
+            dense_features=tuple(int(x) for x in dense_features),
+            pooling_mode=pooling_mode,
+            include_prompt=include_prompt,
+            normalize=normalize,
+            hidden_activation=hf.get("hidden_activation", hf.get("hidden_act", "gelu_pytorch_tanh")),
+            pad_token_id=int(hf.get("pad_token_id", 0) or 0),
+            bos_token_id=int(hf.get("bos_token_id", 2)),
+            eos_token_id=int(_first(hf.get("eos_token_id", 1))),
+        )
+
+
+def _first(x: Any) -> Any:
+    return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Reads a JSON file, turning a missing or malformed file into a CheckpointError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+# google/embeddinggemma-300m, as in its config.json and sentence-transformers module configs.
+EMBEDDINGGEMMA_300M = EmbeddingGemmaConfig(
+    vocab_size=262144,
+    hidden_size=768,
+    intermediate_size=1152,
+    num_layers=24,
+    num_heads=3,
+    num_kv_heads=1,
+    head_dim=256,
+    query_pre_attn_scalar=256,
+    rms_norm_eps=1e-6,
+    rope_global_base=1_000_000.0,
+    rope_local_base=10_000.0,
+    sliding_window=512,
+    layer_types=tuple(SLIDING if (i + 1) % 6 else FULL for i in range(24)),
+    max_position_embeddings=2048,
+    max_seq_length=2048,
+    dense_features=(3072, 768),
+)
+
+MATRYOSHKA_DIMS = (768, 512, 256, 128)

@@ -1,0 +1,285 @@
+"""The user-facing model: load, tokenize, batch, jit and encode, mirroring sentence-transformers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from embgemma_jax.checkpoint import Checkpoint, load_checkpoint, save_converted
+from embgemma_jax.config import MATRYOSHKA_DIMS, EmbeddingGemmaConfig
+from embgemma_jax.model import EmbeddingGemmaModule, EncoderOutput, resolve_dtype
+from embgemma_jax.prompts import resolve_prompt, title_prompts
+from embgemma_jax.tokenizer import Tokenizer, check_texts
+
+# Sequence lengths are padded up to one of these (capped at max_seq_length), so a model compiles at most
+# len(BUCKETS) programs per batch size however many distinct lengths it sees.
+BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+def bucket_lengths(max_len: int) -> tuple[int, ...]:
+    return tuple(sorted({b for b in BUCKETS if b < max_len} | {max_len}))
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"sequence of {n} tokens is longer than the largest bucket {buckets[-1]}")
+
+
+def batch_rows(n: int, batch_size: int) -> int:
+    """Rows to pad a batch of n texts to: a power of two, at most batch_size (bounded compile count)."""
+    rows = 1
+    while rows < n:
+        rows *= 2
+    return min(rows, batch_size) if n <= batch_size else n
+
+
+class EmbeddingGemma:
+    """EmbeddingGemma in JAX with the sentence-transformers encode API.
+
+    Build it with :meth:`from_pretrained`. ``encode`` returns NumPy arrays.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, *, dtype: Any = "float32") -> None:
+        self.dtype = resolve_dtype(dtype)
+        self.config: EmbeddingGemmaConfig = checkpoint.config
+        self.params = checkpoint.params
+        self.prompts: dict[str, str] = dict(checkpoint.prompts)
+        self.default_prompt_name = checkpoint.default_prompt_name
+        self.source = checkpoint.source
+        self._checkpoint = checkpoint
+        self.tokenizer = Tokenizer.from_dir(
+            checkpoint.tokenizer_dir,
+            max_length=self.config.max_seq_length,
+            bos_id=self.config.bos_token_id,
+            eos_id=self.config.eos_token_id,
+            pad_id=self.config.pad_token_id,
+        )
+        if self.config.pooling_mode != "mean":
+            raise ValueError(
+                f"pooling_mode {self.config.pooling_mode!r} in the checkpoint is not supported by encode(); "
+                "EmbeddingGemma uses 'mean'"
+            )
+        self.module = EmbeddingGemmaModule(self.config, self.dtype)
+        self._apply = jax.jit(self._forward, static_argnames=("return_hidden_states",))
+        self._shapes_lock = threading.Lock()
+        self.compiled_shapes: set[tuple[int, int]] = set()
+
+    # ------------------------------------------------------------------------------------------------
+    # Construction
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        dtype: Any = "float32",
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
+    ) -> EmbeddingGemma:
+        """Loads a Hub id (e.g. ``google/embeddinggemma-300m``), a sentence-transformers directory, or a
+        directory written by ``embgemma-jax convert``.
+
+        Args:
+          dtype: "float32" (exact parity, default) or "bfloat16". float16 is refused (it overflows).
+        """
+        compute = resolve_dtype(dtype)
+        store = np.float32 if compute == jnp.float32 else jnp.bfloat16
+        ckpt = load_checkpoint(
+            name_or_path,
+            dtype=store,
+            put=lambda _path, arr: jax.device_put(arr),
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+        )
+        return cls(ckpt, dtype=compute)
+
+    def save_converted(self, out_dir: str | Path) -> Path:
+        """Writes this model in the converted format (float32 parameters)."""
+        ckpt = Checkpoint(
+            self.config,
+            jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), self.params),
+            self.prompts,
+            self.default_prompt_name,
+            self._checkpoint.tokenizer_dir,
+            self.source,
+        )
+        return save_converted(ckpt, out_dir)
+
+    # ------------------------------------------------------------------------------------------------
+    # Tokens and the forward pass
+
+    def tokenize(self, texts: str | Sequence[str]) -> dict[str, np.ndarray]:
+        """{'input_ids', 'attention_mask'} (int32, right-padded to the longest) without any prompt."""
+        return self.tokenizer(texts)
+
+    def check_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> None:
+        """Raises if any id is outside the embedding table (JAX gathers would clamp it silently)."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be 2-D [batch, tokens], got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"input_ids must be integers, got {ids.dtype}")
+        if attention_mask is not None and np.shape(attention_mask) != ids.shape:
+            raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {ids.shape}")
+        if ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"{ids.shape[1]} tokens exceed max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        bad = (ids < 0) | (ids >= self.config.vocab_size)
+        if bad.any():
+            row, col = map(int, np.argwhere(bad)[0])
+            tok = int(ids[row, col])
+            raise ValueError(
+                f"token id {tok} ({self.tokenizer.id_to_piece(tok)!r}) at row {row}, position {col} is outside "
+                f"the embedding table [0, {self.config.vocab_size}); this token cannot be embedded by this model"
+            )
+
+    def _forward(self, params, input_ids, attention_mask, pool_mask, *, return_hidden_states=False) -> EncoderOutput:
+        return self.module.apply(
+            {"params": params}, input_ids, attention_mask, pool_mask, return_hidden_states=return_hidden_states
+        )
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        pool_mask: np.ndarray | None = None,
+        *,
+        return_hidden_states: bool = False,
+    ) -> EncoderOutput:
+        """The jitted pipeline on already-tokenized, padded ids (checked on the host first)."""
+        self.check_ids(input_ids, attention_mask)
+        with self._shapes_lock:
+            self.compiled_shapes.add(tuple(np.shape(input_ids)))
+        ids = jnp.asarray(input_ids, jnp.int32)
+        mask = jnp.asarray(attention_mask, jnp.int32)
+        pm = mask if pool_mask is None else jnp.asarray(pool_mask, jnp.int32)
+        return self._apply(self.params, ids, mask, pm, return_hidden_states=return_hidden_states)
+
+    # ------------------------------------------------------------------------------------------------
+    # encode
+
+    def encode(
+        self,
+        sentences: str | Sequence[str],
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        batch_size: int = 32,
+        truncate_dim: int | None = None,
+        normalize_embeddings: bool = False,
+        show_progress_bar: bool | None = None,
+        *,
+        prompts_per_text: Sequence[str] | None = None,
+    ) -> np.ndarray:
+        """Embeds texts. Returns float32 [N, E] ([E] for a single str), in input order.
+
+        Args:
+          prompt_name: a key of :attr:`prompts` (e.g. "query", "document", "STS").
+          prompt: an explicit prompt string; wins over prompt_name.
+          truncate_dim: keep the first truncate_dim dimensions (Matryoshka).
+          normalize_embeddings: L2-normalize after truncation.
+          prompts_per_text: one prompt per text (used by encode_document with titles).
+        """
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else sentences
+        check_texts(texts)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        dim = self._check_truncate_dim(truncate_dim)
+        if prompts_per_text is None:
+            p = resolve_prompt(self.prompts, prompt_name, prompt, self.default_prompt_name) or ""
+            full = [p + t for t in texts]
+        else:
+            full = [p + t for p, t in zip(prompts_per_text, texts, strict=True)]
+
+        out = np.empty((len(full), dim), dtype=np.float32)
+        for idx, emb in self._iter_embeddings(full, batch_size, show_progress_bar):
+            out[idx] = emb[:, :dim]
+        if normalize_embeddings:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out[0] if single else out
+
+    def _check_truncate_dim(self, truncate_dim: int | None) -> int:
+        full = self.config.embedding_dim
+        if truncate_dim is None:
+            return full
+        if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer)) or not 1 <= truncate_dim <= full:
+            trained = [d for d in MATRYOSHKA_DIMS if d <= full] if full == 768 else [full]
+            raise ValueError(
+                f"truncate_dim must be an int in [1, {full}] (trained Matryoshka dims: {trained}), got {truncate_dim!r}"
+            )
+        return int(truncate_dim)
+
+    def _iter_embeddings(
+        self, texts: Sequence[str], batch_size: int, show_progress_bar: bool | None
+    ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+        """Yields (input indices, embeddings) batch by batch; tokenizes a bounded window at a time."""
+        buckets = bucket_lengths(self.config.max_seq_length)
+        window = max(batch_size * 16, 256)
+        bar = None
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc="encode", unit="text")
+        for start in range(0, len(texts), window):
+            chunk = texts[start : start + window]
+            ids = self.tokenizer.encode(chunk)
+            order = np.argsort([-len(x) for x in ids], kind="stable")
+            for b in range(0, len(order), batch_size):
+                sel = order[b : b + batch_size]
+                rows = [ids[i] for i in sel]
+                length = bucket_for(max(len(r) for r in rows), buckets)
+                n_rows = batch_rows(len(rows), batch_size)
+                batch = self.tokenizer.pad(rows + [[]] * (n_rows - len(rows)), length)
+                emb = self.forward(batch["input_ids"], batch["attention_mask"]).embeddings
+                yield start + sel, np.asarray(emb[: len(rows)], dtype=np.float32)
+                if bar is not None:
+                    bar.update(len(rows))
+        if bar is not None:
+            bar.close()
+
+    def encode_query(self, sentences: str | Sequence[str], **kwargs: Any) -> np.ndarray:
+        """encode with the "query" prompt unless a prompt or prompt_name is given."""
+        if kwargs.get("prompt_name") is None and kwargs.get("prompt") is None and "query" in self.prompts:
+            kwargs["prompt_name"] = "query"
+        return self.encode(sentences, **kwargs)
+
+    def encode_document(
+        self, sentences: str | Sequence[str], titles: str | Sequence[str | None] | None = None, **kwargs: Any
+    ) -> np.ndarray:
+        """encode with the "document" prompt, or with ``title: {title} | text: `` per text when titles are given."""
+        if titles is not None:
+            if kwargs.get("prompt_name") is not None or kwargs.get("prompt") is not None:
+                raise ValueError("pass either titles or prompt/prompt_name to encode_document, not both")
+            n = 1 if isinstance(sentences, str) else len(sentences)
+            return self.encode(sentences, prompts_per_text=title_prompts(titles, n), **kwargs)
+        if kwargs.get("prompt_name") is None and kwargs.get("prompt") is None and "document" in self.prompts:
+            kwargs["prompt_name"] = "document"
+        return self.encode(sentences, **kwargs)
+
+    @staticmethod
+    def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Cosine similarity matrix [len(a), len(b)] (the model's similarity function)."""
+        a = np.atleast_2d(np.asarray(a, dtype=np.float32))
+        b = np.atleast_2d(np.asarray(b, dtype=np.float32))
+        if a.shape[-1] != b.shape[-1]:
+            raise ValueError(f"embedding widths differ: {a.shape[-1]} vs {b.shape[-1]}")
+        a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+        b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+        return a @ b.T
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return self.config.embedding_dim
+
+    def __repr__(self) -> str:
+        return f"EmbeddingGemma(source={str(self.source)!r}, dtype={self.dtype.name}, params={self.config.num_params():,})"

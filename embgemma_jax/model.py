@@ -1,0 +1,276 @@
+"""The EmbeddingGemma encoder and embedding head as Flax modules.
+
+Axis letters used in shapes and einsum strings:
+  B batch, T tokens (queries), S tokens (keys), N query heads, K key/value heads, G query heads per kv
+  head (N = K * G), H head dim, D model dim, F feed-forward dim, E dense-head width, V vocabulary.
+
+Numerics follow the float32 reference (transformers Gemma 3 + sentence-transformers) operation by
+operation. Deviations, all deliberate:
+  * Masked attention scores are replaced by the dtype's finite minimum (``where``, not an added -inf),
+    so a padded query row whose window holds no real key gives finite values instead of NaN. Such rows
+    are never pooled, so this changes no embedding.
+  * GQA is computed without copying K/V per query head (einsum over a [K, G] split of the heads); the
+    arithmetic per score is the same.
+  * Out-of-range ids gather NaN (``mode="fill"``) rather than a clamped row, so a bad id that slips past
+    the host-side check poisons the output instead of producing a plausible vector.
+  * In float32 every matmul runs at ``Precision.HIGHEST`` (no TF32 / bf16 passes on GPU/TPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from embgemma_jax.config import SLIDING, EmbeddingGemmaConfig
+from embgemma_jax.masks import attention_mask
+
+SUPPORTED_DTYPES = ("float32", "bfloat16")
+
+
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+    """Maps a user dtype to a supported compute dtype, refusing float16 with the reason."""
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name in ("float16", "half"):
+        raise ValueError(
+            "float16 is not supported: EmbeddingGemma's residual stream reaches ~1e5 in late layers, beyond "
+            "float16's range (max 65504), so activations overflow to inf. Use 'float32' (exact parity) or "
+            "'bfloat16' (fast, same range as float32)."
+        )
+    if name not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {list(SUPPORTED_DTYPES)}")
+    return jnp.dtype(name)
+
+
+def matmul_precision(dtype: jnp.dtype) -> jax.lax.Precision:
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+class EncoderOutput(NamedTuple):
+    """What the encoder returns. Optional fields are None unless asked for."""
+
+    embeddings: jax.Array  # [B, E] after the dense head and (if configured) L2 normalization
+    last_hidden_state: jax.Array  # [B, T, D] final-normed token states (padding rows are garbage)
+    pooled: jax.Array  # [B, D] masked pool of last_hidden_state
+    hidden_states: tuple[jax.Array, ...] | None = None  # num_layers + 1 arrays [B, T, D], as transformers
+
+
+class RMSNorm(nn.Module):
+    """Gemma RMS norm: x * rsqrt(mean(x^2) + eps) * (1 + w), computed in float32, cast back."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],), jnp.float32)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, base: float, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [T, H] in the rotate-half layout (dim k pairs with k + H/2), as transformers."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, *, H]; cos/sin [T, H]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    shape = (1, cos.shape[0]) + (1,) * (x.ndim - 3) + (cos.shape[1],)
+    return x * cos.reshape(shape) + rotated * sin.reshape(shape)
+
+
+class Attention(nn.Module):
+    config: EmbeddingGemmaConfig
+    layer_type: str
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x [B, T, D], mask [B, T, S] bool (True = visible)."""
+        cfg, dt = self.config, self.dtype
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        g = n // k
+        prec = matmul_precision(dt)
+        init = nn.initializers.lecun_normal()
+        w_q = self.param("q", init, (d, n, h), jnp.float32).astype(dt)
+        w_k = self.param("k", init, (d, k, h), jnp.float32).astype(dt)
+        w_v = self.param("v", init, (d, k, h), jnp.float32).astype(dt)
+        w_o = self.param("o", init, (n, h, d), jnp.float32).astype(dt)
+
+        q = jnp.einsum("BTD,DNH->BTNH", x, w_q, precision=prec)
+        key = jnp.einsum("BSD,DKH->BSKH", x, w_k, precision=prec)
+        v = jnp.einsum("BSD,DKH->BSKH", x, w_v, precision=prec)
+        q = RMSNorm(cfg.rms_norm_eps, name="q_norm")(q)
+        key = RMSNorm(cfg.rms_norm_eps, name="k_norm")(key)
+        q = apply_rope(q, cos, sin)
+        key = apply_rope(key, cos, sin)
+
+        b, t = q.shape[:2]
+        q = q.reshape(b, t, k, g, h)
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, precision=prec) * jnp.asarray(
+            cfg.query_pre_attn_scalar**-0.5, dt
+        )
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(dt).min)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dt)
+        self.sow("intermediates", "attention_probs", probs.reshape(b, n, t, -1))
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, precision=prec).reshape(b, t, n, h)
+        return jnp.einsum("BTNH,NHD->BTD", out, w_o, precision=prec)
+
+
+class MLP(nn.Module):
+    config: EmbeddingGemmaConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, dt = self.config, self.dtype
+        prec = matmul_precision(dt)
+        init = nn.initializers.lecun_normal()
+        w_gate = self.param("gate", init, (cfg.hidden_size, cfg.intermediate_size), jnp.float32).astype(dt)
+        w_up = self.param("up", init, (cfg.hidden_size, cfg.intermediate_size), jnp.float32).astype(dt)
+        w_down = self.param("down", init, (cfg.intermediate_size, cfg.hidden_size), jnp.float32).astype(dt)
+        gate = jax.nn.gelu(jnp.einsum("BTD,DF->BTF", x, w_gate, precision=prec), approximate=True)
+        up = jnp.einsum("BTD,DF->BTF", x, w_up, precision=prec)
+        return jnp.einsum("BTF,FD->BTD", gate * up, w_down, precision=prec)
+
+
+class Block(nn.Module):
+    config: EmbeddingGemmaConfig
+    layer_type: str
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        eps = self.config.rms_norm_eps
+        h = RMSNorm(eps, name="input_norm")(x)
+        h = Attention(self.config, self.layer_type, self.dtype, name="attn")(h, mask, cos, sin)
+        x = x + RMSNorm(eps, name="post_attn_norm")(h)
+        self.sow("intermediates", "after_attention", x)
+        h = RMSNorm(eps, name="pre_ffw_norm")(x)
+        h = MLP(self.config, self.dtype, name="mlp")(h)
+        x = x + RMSNorm(eps, name="post_ffw_norm")(h)
+        return x
+
+
+class Encoder(nn.Module):
+    """Token ids [B, T] and mask [B, T] -> final-normed token states [B, T, D] (and per-layer states)."""
+
+    config: EmbeddingGemmaConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, input_ids: jax.Array, attention_mask_2d: jax.Array, *, return_hidden_states: bool = False
+    ) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
+        cfg, dt = self.config, self.dtype
+        table = self.param(
+            "embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.hidden_size), jnp.float32
+        )
+        # mode="fill": an id outside [0, V) gathers NaN instead of silently clamping (see module doc).
+        x = jnp.take(table.astype(dt), input_ids, axis=0, mode="fill", fill_value=jnp.nan)
+        x = x * jnp.asarray(cfg.embed_scale, jnp.float32).astype(dt)
+        self.sow("intermediates", "embeddings", x)
+
+        t = input_ids.shape[1]
+        positions = jnp.arange(t)
+        valid = attention_mask_2d.astype(bool)
+        masks = {
+            "full": attention_mask(valid, None),
+            "sliding": attention_mask(valid, cfg.window_radius),
+        }
+        ropes = {
+            "full": rope_tables(positions, cfg.head_dim, cfg.rope_global_base, dt),
+            "sliding": rope_tables(positions, cfg.head_dim, cfg.rope_local_base, dt),
+        }
+        states = [x] if return_hidden_states else None
+        for i, layer_type in enumerate(cfg.layer_types):
+            kind = "sliding" if layer_type == SLIDING else "full"
+            x = Block(cfg, layer_type, dt, name=f"layer_{i}")(x, masks[kind], *ropes[kind])
+            self.sow("intermediates", "layer_outputs", x)
+            if states is not None:
+                states.append(x)
+        x = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
+        if states is not None:
+            states[-1] = x  # transformers' last hidden state is the final-normed one
+        return x, (tuple(states) if states is not None else None)
+
+
+def mean_pool(states: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked mean over tokens, as sentence-transformers: sum(states * m) / clamp(sum(m), 1e-9)."""
+    m = mask.astype(states.dtype)[..., None]
+    summed = jnp.sum(jnp.where(m > 0, states, 0), axis=1)
+    return summed / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps) along the last axis, as torch.nn.functional.normalize."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
+    return (x.astype(jnp.float32) / jnp.maximum(norm, eps)).astype(x.dtype)
+
+
+class DenseHead(nn.Module):
+    """Pooled [B, D] -> [B, E]: the sentence-transformers Dense modules (no bias, identity activation)."""
+
+    features: tuple[int, ...]
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pooled: jax.Array) -> jax.Array:
+        prec = matmul_precision(self.dtype)
+        y = pooled
+        for i, width in enumerate(self.features):
+            w = self.param(f"dense_{i}", nn.initializers.lecun_normal(), (y.shape[-1], width), jnp.float32)
+            y = jnp.einsum("BD,DE->BE", y, w.astype(self.dtype), precision=prec)
+            self.sow("intermediates", "dense_outputs", y)
+        return y
+
+
+class EmbeddingGemmaModule(nn.Module):
+    """The whole pipeline: ids -> encoder -> masked mean pool -> dense head -> L2 normalize.
+
+    ``pool_mask`` is the mask used for pooling (it differs from ``attention_mask`` only when prompt tokens
+    are excluded from the pool); it defaults to ``attention_mask``.
+    """
+
+    config: EmbeddingGemmaConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.encoder = Encoder(self.config, self.dtype)
+        self.head = DenseHead(self.config.dense_features, self.dtype)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask_2d: jax.Array,
+        pool_mask: jax.Array | None = None,
+        *,
+        return_hidden_states: bool = False,
+    ) -> EncoderOutput:
+        states, hidden = self.encoder(input_ids, attention_mask_2d, return_hidden_states=return_hidden_states)
+        pooled = mean_pool(states, attention_mask_2d if pool_mask is None else pool_mask)
+        self.sow("intermediates", "pooled", pooled)
+        emb = self.head(pooled)
+        if self.config.normalize:
+            emb = l2_normalize(emb)
+        return EncoderOutput(embeddings=emb, last_hidden_state=states, pooled=pooled, hidden_states=hidden)
+
+
+def init_params(config: EmbeddingGemmaConfig, seed: int = 0) -> dict[str, Any]:
+    """Random parameters with the right tree structure and shapes (for tests and shape checks)."""
+    module = EmbeddingGemmaModule(config)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    return module.init(jax.random.PRNGKey(seed), ids, jnp.ones((1, 4), jnp.int32))["params"]
+
+
+def param_shapes(config: EmbeddingGemmaConfig) -> dict[str, Any]:
+    """The parameter tree as ShapeDtypeStructs, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(config))
