@@ -104,11 +104,43 @@ def backbone_table(cfg: EmbeddingGemmaConfig) -> dict[str, tuple[tuple[str, ...]
 # Reading safetensors
 
 
+# safetensors refuses headers over 100 MB; so do we, before reading one.
+_MAX_HEADER_BYTES = 100_000_000
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Checks the framing of a safetensors file (8-byte header length, JSON header, data size) and raises
+    a CheckpointError that says what is wrong: truncated, trailing bytes, or a corrupt header."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        if size < 8:
+            raise CheckpointError(f"{path} is truncated: {size} bytes, too short for a safetensors header")
+        n = int.from_bytes(fh.read(8), "little")
+        if n > _MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path} is corrupt: its header length field says {n} bytes (not a safetensors file?)")
+        if 8 + n > size:
+            raise CheckpointError(f"{path} is truncated: the header needs {8 + n} bytes but the file has {size}")
+        try:
+            header = json.loads(fh.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+            raise CheckpointError(f"{path} is corrupt: its header is not a valid safetensors header ({e})") from e
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        raise CheckpointError(
+            f"{path} is truncated: its tensors need {expected} bytes but the file has only {size} "
+            "(an interrupted download or copy?)"
+        )
+    if size > expected:
+        raise CheckpointError(f"{path} is corrupt: {size - expected} unexpected bytes after the last tensor")
+
+
 def _open(path: Path):
     from safetensors import safe_open
 
     if not path.is_file():
         raise CheckpointError(f"missing weights file: {path}")
+    check_safetensors_file(path)
     try:
         return safe_open(str(path), framework="numpy")
     except Exception as e:  # safetensors raises its own error types for bad headers
@@ -161,7 +193,13 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, Path, Any]]:
 def _backbone_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index).get("weight_map") or {}
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor name -> file name")
+        for name in weight_map.values():
+            # Shard names are plain file names next to the index; never follow a path out of the checkpoint.
+            if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+                raise CheckpointError(f"{index}: weight_map names shard {name!r}; expected a file name in {directory}")
         return [directory / name for name in sorted(set(weight_map.values()))]
     single = directory / "model.safetensors"
     if single.is_file():
@@ -205,9 +243,14 @@ def _module_kind(type_name: str) -> str:
 
 
 def _read_st_layout(directory: Path) -> _STLayout:
-    modules = read_json(directory / "modules.json")
-    if not isinstance(modules, list) or not modules:
-        raise CheckpointError(f"{directory / 'modules.json'} must list the pipeline modules")
+    modules = read_json(directory / "modules.json", expect=list)
+    if not modules or not all(
+        isinstance(m, dict) and isinstance(m.get("type", ""), str) and isinstance(m.get("path", ""), str)
+        for m in modules
+    ):
+        raise CheckpointError(
+            f"{directory / 'modules.json'} must list the pipeline modules as objects with string type and path"
+        )
     kinds = [_module_kind(m.get("type", "")) for m in modules]
     if kinds[0] != "Transformer":
         raise CheckpointError(f"{directory / 'modules.json'}: first module is {kinds[0]!r}; expected Transformer")
@@ -229,7 +272,12 @@ def _read_st_layout(directory: Path) -> _STLayout:
                 raise CheckpointError(f"{sub / 'config.json'}: activation {act!r} is not supported (expected Identity)")
             if dc.get("bias", True):
                 raise CheckpointError(f"{sub / 'config.json'}: Dense with bias is not supported (EmbeddingGemma has none)")
-            dense.append((sub, int(dc["in_features"]), int(dc["out_features"])))
+            fin, fout = dc.get("in_features"), dc.get("out_features")
+            if type(fin) is not int or type(fout) is not int or fin < 1 or fout < 1:
+                raise CheckpointError(
+                    f"{sub / 'config.json'}: in_features={fin!r} and out_features={fout!r} must be positive ints"
+                )
+            dense.append((sub, fin, fout))
         elif kind == "Normalize":
             normalize = True
         else:
@@ -262,17 +310,22 @@ def _pooling_mode(pc: dict[str, Any], sub: Path) -> str:
 
 def read_st_config(directory: Path) -> EmbeddingGemmaConfig:
     layout = _read_st_layout(directory)
-    hf = read_json(layout.backbone_dir / "config.json")
-    max_pos = int(hf.get("max_position_embeddings", 2048))
-    msl = min(int(layout.max_seq_length), max_pos) if layout.max_seq_length is not None else max_pos
-    cfg = EmbeddingGemmaConfig.from_hf_config(
-        hf,
-        max_seq_length=msl,
-        dense_features=tuple(out for _, _, out in layout.dense),
-        pooling_mode=layout.pooling_mode,
-        include_prompt=layout.include_prompt,
-        normalize=layout.normalize,
-    )
+    path = layout.backbone_dir / "config.json"
+    hf = read_json(path)
+    try:
+        max_pos = int(hf.get("max_position_embeddings", 2048))
+        msl = min(int(layout.max_seq_length), max_pos) if layout.max_seq_length is not None else max_pos
+        cfg = EmbeddingGemmaConfig.from_hf_config(
+            hf,
+            max_seq_length=msl,
+            dense_features=tuple(out for _, _, out in layout.dense),
+            pooling_mode=layout.pooling_mode,
+            include_prompt=layout.include_prompt,
+            normalize=layout.normalize,
+        )
+    except (CheckpointError, TypeError, ValueError) as e:
+        # Name the file: the config's own messages cannot know where it came from.
+        raise CheckpointError(f"{path}: {e}") from e
     prev = cfg.hidden_size
     for sub, fin, fout in layout.dense:
         if fin != prev:
@@ -287,9 +340,12 @@ def _read_prompts(directory: Path) -> tuple[dict[str, str], str | None]:
         return {}, None
     conf = read_json(path)
     prompts = conf.get("prompts") or {}
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+    default = conf.get("default_prompt_name")
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
         raise CheckpointError(f"{path}: prompts must map names to strings")
-    return dict(prompts), conf.get("default_prompt_name")
+    if default is not None and default not in prompts:
+        raise CheckpointError(f"{path}: default_prompt_name {default!r} is not one of the prompts {sorted(prompts)}")
+    return dict(prompts), default
 
 
 def load_st_checkpoint(
@@ -395,7 +451,12 @@ def load_converted(
             f"{directory / CONVERTED_CONFIG}: format_version {meta.get('format_version')!r} is not supported "
             f"(this version reads {FORMAT_VERSION}); re-run the conversion"
         )
-    cfg = EmbeddingGemmaConfig.from_dict(meta["config"])
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{directory / CONVERTED_CONFIG}: 'config' must be an object")
+    try:
+        cfg = EmbeddingGemmaConfig.from_dict(meta["config"])
+    except (CheckpointError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / CONVERTED_CONFIG}: {e}") from e
     expected = {
         "/".join(p): tuple(s.shape)
         for p, s in _flatten(_shape_tree(cfg))

@@ -50,6 +50,16 @@ class EmbeddingGemmaConfig:
     eos_token_id: int = 1
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (type(value) is not int or value < (0 if f.name.endswith("token_id") else 1)):
+                raise CheckpointError(f"config field {f.name}={value!r} must be a positive int")
+            if f.type == "float" and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+            ):
+                raise CheckpointError(f"config field {f.name}={value!r} must be a positive finite number")
+        if not all(type(w) is int and w > 0 for w in self.dense_features):
+            raise CheckpointError(f"dense_features={self.dense_features!r} must be positive ints")
         if len(self.layer_types) != self.num_layers:
             raise CheckpointError(
                 f"layer_types has {len(self.layer_types)} entries but num_layers is {self.num_layers}"
@@ -103,9 +113,15 @@ class EmbeddingGemmaConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise CheckpointError(f"unknown config fields {unknown}")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = sorted(set(required) - set(d))
+        if missing:
+            raise CheckpointError(f"missing config fields {missing}")
         d = dict(d)
-        d["layer_types"] = tuple(d["layer_types"])
-        d["dense_features"] = tuple(d["dense_features"])
+        for key in ("layer_types", "dense_features"):
+            if not isinstance(d[key], (list, tuple)):
+                raise CheckpointError(f"config field {key} must be a list, got {d[key]!r:.80}")
+            d[key] = tuple(d[key])
         return cls(**d)
 
     @classmethod
@@ -119,7 +135,38 @@ class EmbeddingGemmaConfig:
         include_prompt: bool = True,
         normalize: bool = True,
     ) -> EmbeddingGemmaConfig:
-        """Builds the config from a parsed Gemma 3 ``config.json`` (old or new RoPE format)."""
+        """Builds the config from a parsed Gemma 3 ``config.json`` (old or new RoPE format).
+
+        Any malformed value (wrong type, missing field, unsupported option) is a CheckpointError.
+        """
+        try:
+            return cls._from_hf_config(
+                hf,
+                max_seq_length=max_seq_length,
+                dense_features=dense_features,
+                pooling_mode=pooling_mode,
+                include_prompt=include_prompt,
+                normalize=normalize,
+            )
+        except CheckpointError:
+            raise
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"config.json has a malformed value: {type(e).__name__}: {e}") from e
+
+    @classmethod
+    def _from_hf_config(
+        cls,
+        hf: dict[str, Any],
+        *,
+        max_seq_length: int | None,
+        dense_features: tuple[int, ...],
+        pooling_mode: str,
+        include_prompt: bool,
+        normalize: bool,
+    ) -> EmbeddingGemmaConfig:
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "sliding_window")
+        missing = [k for k in required if k not in hf]
         model_type = hf.get("model_type")
         if model_type != "gemma3_text":
             raise CheckpointError(f"config.json has model_type={model_type!r}; expected 'gemma3_text'")
@@ -129,6 +176,8 @@ class EmbeddingGemmaConfig:
                 f"encoder); found {hf.get('use_bidirectional_attention')!r}. A causal Gemma 3 is not an "
                 "EmbeddingGemma checkpoint."
             )
+        if missing:
+            raise CheckpointError(f"config.json is missing required fields {missing}")
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             if hf.get(key) is not None:
                 raise CheckpointError(f"config.json sets {key}={hf[key]!r}; softcapping is not supported")
@@ -181,15 +230,20 @@ def _first(x: Any) -> Any:
     return x[0] if isinstance(x, (list, tuple)) else x
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """Reads a JSON file, turning a missing or malformed file into a CheckpointError naming it."""
+def read_json(path: Path, expect: type = dict) -> Any:
+    """Reads a JSON file whose top level must be ``expect`` (an object by default), turning a missing or
+    malformed file into a CheckpointError naming it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"missing file: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, expect):
+        want = {dict: "an object", list: "an array"}.get(expect, expect.__name__)
+        raise CheckpointError(f"{path}: top level must be {want}, got {type(data).__name__}")
+    return data
 
 
 # google/embeddinggemma-300m, as in its config.json and sentence-transformers module configs.
