@@ -158,7 +158,11 @@ def build_tiny_checkpoint(
     """
     import torch
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
+    try:  # sentence-transformers >= 6
+        from sentence_transformers.base.modules import Dense, Normalize, Transformer
+        from sentence_transformers.sentence_transformer.modules import Pooling
+    except ImportError:  # sentence-transformers 5.x
+        from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
     from transformers import Gemma3TextModel, GemmaTokenizer
 
     out_dir = Path(out_dir)
