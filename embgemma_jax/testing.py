@@ -158,6 +158,7 @@ def build_tiny_checkpoint(
     """
     import torch
     from sentence_transformers import SentenceTransformer
+
     try:  # sentence-transformers >= 6
         from sentence_transformers.base.modules import Dense, Normalize, Transformer
         from sentence_transformers.sentence_transformer.modules import Pooling
@@ -171,9 +172,7 @@ def build_tiny_checkpoint(
     work.mkdir(exist_ok=True)
 
     train_tiny_sentencepiece(work / "tokenizer.model", vocab_size=vocab_size)
-    tokenizer = GemmaTokenizer.from_pretrained(
-        str(work), add_bos_token=True, add_eos_token=True, padding_side="right"
-    )
+    tokenizer = GemmaTokenizer.from_pretrained(str(work), add_bos_token=True, add_eos_token=True, padding_side="right")
     if extra_added_tokens:
         tokenizer.add_tokens(list(extra_added_tokens), special_tokens=True)
 

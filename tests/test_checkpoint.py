@@ -26,8 +26,14 @@ REAL_HF_CONFIG = {
     "hidden_size": 768,
     "initializer_range": 0.02,
     "intermediate_size": 1152,
-    "layer_types": ["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention"] * 5 + ["full_attention"]
-    + ["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention"] * 5 + ["full_attention"],
+    "layer_types": ["sliding_attention"] * 5
+    + ["full_attention"]
+    + ["sliding_attention"] * 5
+    + ["full_attention"]
+    + ["sliding_attention"] * 5
+    + ["full_attention"]
+    + ["sliding_attention"] * 5
+    + ["full_attention"],
     "max_position_embeddings": 2048,
     "model_type": "gemma3_text",
     "num_attention_heads": 3,
@@ -88,7 +94,9 @@ def test_converted_round_trip_is_bit_identical(tiny_ckpt, jax_model, tmp_path):
     assert (out / "embgemma_config.json").is_file() and (out / "params.safetensors").is_file()
     reloaded = EmbeddingGemma.from_pretrained(out)
     texts = ["hello there", "a longer text " * 12]
-    np.testing.assert_array_equal(reloaded.encode(texts, prompt_name="query"), jax_model.encode(texts, prompt_name="query"))
+    np.testing.assert_array_equal(
+        reloaded.encode(texts, prompt_name="query"), jax_model.encode(texts, prompt_name="query")
+    )
     assert reloaded.prompts == jax_model.prompts
 
 
@@ -148,7 +156,9 @@ def test_bfloat16_weights_are_read(tiny_ckpt, tmp_path, jax_model):
     from safetensors.torch import save_file as tsave
 
     d = _copy(tiny_ckpt, tmp_path)
-    tsave({k: v.to(torch.bfloat16) for k, v in tload(str(d / "model.safetensors")).items()}, str(d / "model.safetensors"))
+    tsave(
+        {k: v.to(torch.bfloat16) for k, v in tload(str(d / "model.safetensors")).items()}, str(d / "model.safetensors")
+    )
     ckpt = load_checkpoint(d)
     ref = tload(str(d / "model.safetensors"))["embed_tokens.weight"].float().numpy()
     np.testing.assert_array_equal(ckpt.params["encoder"]["embedding"], ref)

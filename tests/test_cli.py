@@ -24,8 +24,18 @@ def run(*args, check=True):
 
 def test_embed_json_and_npy(tiny_ckpt, jax_model, tmp_path):
     texts = ["first text", "second, longer text about planets"]
-    proc = run("-m", "embgemma_jax.cli", "embed", "--model", str(tiny_ckpt), "--prompt-name", "query",
-               "--truncate-dim", "32", *texts)
+    proc = run(
+        "-m",
+        "embgemma_jax.cli",
+        "embed",
+        "--model",
+        str(tiny_ckpt),
+        "--prompt-name",
+        "query",
+        "--truncate-dim",
+        "32",
+        *texts,
+    )
     out = json.loads(proc.stdout)
     ref = jax_model.encode(texts, prompt_name="query", truncate_dim=32)
     assert out["dim"] == 32

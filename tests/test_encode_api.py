@@ -35,9 +35,7 @@ def test_truncate_dim_matches_sentence_transformers(jax_model, st_model, normali
 
 def test_query_and_document_match_sentence_transformers(jax_model, st_model):
     np.testing.assert_allclose(jax_model.encode_query(TEXTS), st_model.encode_query(TEXTS), atol=F32_ATOL, rtol=0)
-    np.testing.assert_allclose(
-        jax_model.encode_document(TEXTS), st_model.encode_document(TEXTS), atol=F32_ATOL, rtol=0
-    )
+    np.testing.assert_allclose(jax_model.encode_document(TEXTS), st_model.encode_document(TEXTS), atol=F32_ATOL, rtol=0)
     # encode_query is encode with the "query" prompt, and differs from no prompt.
     np.testing.assert_array_equal(jax_model.encode_query(TEXTS), jax_model.encode(TEXTS, prompt_name="query"))
     assert np.abs(jax_model.encode_query(TEXTS) - jax_model.encode(TEXTS)).max() > 1e-3

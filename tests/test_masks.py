@@ -12,8 +12,15 @@ from embgemma_jax.masks import attention_mask
 
 def _reference_masks(sliding_window: int, valid: np.ndarray) -> dict[str, np.ndarray]:
     config = Gemma3TextConfig(
-        vocab_size=16, hidden_size=6, intermediate_size=8, num_hidden_layers=2, num_attention_heads=3,
-        num_key_value_heads=1, head_dim=2, sliding_window=sliding_window, use_bidirectional_attention=True,
+        vocab_size=16,
+        hidden_size=6,
+        intermediate_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=2,
+        sliding_window=sliding_window,
+        use_bidirectional_attention=True,
         layer_types=["sliding_attention", "full_attention"],
     )
     config._attn_implementation = "eager"

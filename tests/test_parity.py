@@ -130,8 +130,12 @@ def test_parity_check_fails_for_causal_attention(jax_model, st_model, monkeypatc
 def test_parity_check_fails_for_wrong_window(jax_model, st_model, monkeypatch, wrong_radius):
     original = model_lib.attention_mask
     r = jax_model.config.window_radius
-    change = {"none": lambda x: None, "window": lambda x: 2 * r, "radius_plus_one": lambda x: r + 1,
-              "radius_minus_one": lambda x: r - 1}[wrong_radius]
+    change = {
+        "none": lambda x: None,
+        "window": lambda x: 2 * r,
+        "radius_plus_one": lambda x: r + 1,
+        "radius_minus_one": lambda x: r - 1,
+    }[wrong_radius]
 
     def wrong(key_valid, radius):
         return original(key_valid, None if radius is None else change(radius))
