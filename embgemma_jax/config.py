@@ -68,9 +68,7 @@ class EmbeddingGemmaConfig:
         if bad:
             raise CheckpointError(f"unknown layer types {bad}; expected only {list(LAYER_TYPES)}")
         if self.num_heads % self.num_kv_heads:
-            raise CheckpointError(
-                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
-            )
+            raise CheckpointError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise CheckpointError(
                 f"hidden_activation={self.hidden_activation!r} is not supported; expected 'gelu_pytorch_tanh'"
@@ -164,8 +162,15 @@ class EmbeddingGemmaConfig:
         include_prompt: bool,
         normalize: bool,
     ) -> EmbeddingGemmaConfig:
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "sliding_window")
+        required = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "sliding_window",
+        )
         missing = [k for k in required if k not in hf]
         model_type = hf.get("model_type")
         if model_type != "gemma3_text":

@@ -213,7 +213,11 @@ class EmbeddingGemma:
         full = self.config.embedding_dim
         if truncate_dim is None:
             return full
-        if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer)) or not 1 <= truncate_dim <= full:
+        if (
+            isinstance(truncate_dim, bool)
+            or not isinstance(truncate_dim, (int, np.integer))
+            or not 1 <= truncate_dim <= full
+        ):
             trained = [d for d in MATRYOSHKA_DIMS if d <= full] if full == 768 else [full]
             raise ValueError(
                 f"truncate_dim must be an int in [1, {full}] (trained Matryoshka dims: {trained}), got {truncate_dim!r}"
@@ -282,4 +286,6 @@ class EmbeddingGemma:
         return self.config.embedding_dim
 
     def __repr__(self) -> str:
-        return f"EmbeddingGemma(source={str(self.source)!r}, dtype={self.dtype.name}, params={self.config.num_params():,})"
+        return (
+            f"EmbeddingGemma(source={str(self.source)!r}, dtype={self.dtype.name}, params={self.config.num_params():,})"
+        )

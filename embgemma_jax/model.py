@@ -171,9 +171,7 @@ class Encoder(nn.Module):
         self, input_ids: jax.Array, attention_mask_2d: jax.Array, *, return_hidden_states: bool = False
     ) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
         cfg, dt = self.config, self.dtype
-        table = self.param(
-            "embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.hidden_size), jnp.float32
-        )
+        table = self.param("embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
         # mode="fill": an id outside [0, V) gathers NaN instead of silently clamping (see module doc).
         x = jnp.take(table.astype(dt), input_ids, axis=0, mode="fill", fill_value=jnp.nan)
         x = x * jnp.asarray(cfg.embed_scale, jnp.float32).astype(dt)
