@@ -63,6 +63,12 @@ def parse_added_tokens(tj: dict[str, Any], path: Path) -> list[AddedToken]:
     return out
 
 
+def read_added_tokens(directory: str | Path) -> list[AddedToken]:
+    """The added-token vocabulary of a checkpoint directory's ``tokenizer.json``."""
+    directory = Path(directory)
+    return parse_added_tokens(read_tokenizer_json(directory), directory / "tokenizer.json")
+
+
 def parse_template(tj: dict[str, Any], path: Path) -> tuple[int | None, int | None]:
     """(BOS id, EOS id) that the post-processor puts around a single text; None where it adds none."""
     post = tj.get("post_processor")

@@ -1,0 +1,187 @@
+"""Fuzzed tokenizer parity: our ids equal the reference Hugging Face tokenizer's, exactly, on hostile text.
+
+The reference is ``transformers.AutoTokenizer`` loaded from the same checkpoint directory (the tokenizer
+that sentence-transformers uses), built from the same SentencePiece model. Inputs mix every Unicode plane,
+combining marks, control and format characters, whitespace runs, emoji sequences, literal added/special
+tokens and fragments of them, and very long texts. Derandomized in CI; ``EMBGEMMA_FUZZ_EXAMPLES=N`` for more.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from embgemma_jax import Tokenizer
+from embgemma_jax.testing import REAL_PROMPTS
+from tests.fuzzing import fuzz_settings
+
+# Added tokens of the tiny checkpoint (all of them, plus <image_soft_token> past the vocabulary), and
+# near-misses that must stay plain text.
+SPECIALS = [
+    "<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]", "<unused0>", "<unused1>",
+    "<start_of_turn>", "<end_of_turn>", "<image_soft_token>",
+    "<eos", "eos>", "<", ">", "<unused", "<unused2>", "<<eos>>", "<EOS>", "< eos>", "<bos><eos>",
+]  # fmt: skip
+# Every White_Space character, plus look-alikes that are not whitespace (ZWSP, BOM, U+2581, FS..US).
+WHITESPACE_CHARS = (
+    " \t\n\r\x0b\x0c\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+    "\u2028\u2029\u202f\u205f\u3000\u200b\ufeff\u2581\u180e\x1c\x1d\x1e\x1f"
+)
+EMOJI = [
+    "😀", "👍🏽", "👨‍👩‍👧‍👦", "🇯🇵", "🏳️‍🌈", "1️⃣", "❤️", "🧑🏿‍🚀", "🫠", "\U0001f9d1\u200d\U0001f4bb", "#\ufe0f\u20e3",
+    "\U000e0067\U000e0062",  # tag characters (as in subdivision flags)
+]  # fmt: skip
+WORDS = sorted({w for p in REAL_PROMPTS.values() for w in p.split()} | {"the", "planet", "Mars", "Red", "of", "é"})
+
+any_char = st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=("Cs",))  # all planes
+fragment = st.one_of(
+    st.text(any_char, max_size=6),
+    st.text(st.sampled_from(WHITESPACE_CHARS), min_size=1, max_size=12),
+    st.sampled_from(SPECIALS),
+    st.builds(
+        str.__add__,
+        st.text(st.characters(categories=("L",)), min_size=0, max_size=1),
+        st.text(st.characters(categories=("Mn", "Me", "Mc")), min_size=1, max_size=5),
+    ),
+    st.sampled_from(EMOJI),
+    st.text(st.characters(categories=("Cc", "Cf", "Co", "Cn", "Zl", "Zp")), min_size=1, max_size=4),
+    st.sampled_from(WORDS).map(lambda w: " " + w),
+    st.sampled_from(WORDS),
+    st.text(st.characters(min_codepoint=0x30, max_codepoint=0x39), min_size=1, max_size=8),  # digits split
+)
+hostile_text = st.lists(fragment, max_size=24).map("".join)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ckpt):
+    return AutoTokenizer.from_pretrained(str(tiny_ckpt))
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_ckpt, jax_model):
+    return jax_model.tokenizer
+
+
+def _ref_ids(reference, text: str, max_length: int | None) -> list[int]:
+    if max_length is None:
+        return reference(text, add_special_tokens=False)["input_ids"]
+    return reference(text, truncation=True, max_length=max_length)["input_ids"]
+
+
+@fuzz_settings(400)
+@given(texts=st.lists(hostile_text, min_size=1, max_size=6))
+def test_fuzzed_text_matches_reference(ours, reference, texts):
+    """BOS + pieces + EOS with truncation at max_seq_length, and the full untruncated piece sequence."""
+    got = ours.encode(texts)
+    pieces = ours.encode_pieces(texts)
+    for text, ids, full in zip(texts, got, pieces, strict=True):
+        assert ids == _ref_ids(reference, text, ours.max_length), repr(text)
+        assert full == _ref_ids(reference, text, None), repr(text)
+
+
+@fuzz_settings(6)
+@given(seed=st.integers(0, 2**32 - 1), n_fragments=st.sampled_from([2_000, 20_000]))
+def test_very_long_texts_match_reference(ours, reference, seed, n_fragments):
+    """Texts of ~10k-200k characters: identical full piece sequences (no truncation) and truncated ids."""
+    rng = random.Random(seed)
+    pool = SPECIALS + EMOJI + [" " + w for w in WORDS] + list(WHITESPACE_CHARS) + ["e\u0301", "\x00", "東京"]
+    parts = [rng.choice(pool) if rng.random() < 0.8 else chr(rng.randrange(0x20, 0x2FFFF)) for _ in range(n_fragments)]
+    text = "".join(p for p in parts if not 0xD800 <= ord(p[0]) <= 0xDFFF)
+    assert ours.encode_pieces([text])[0] == _ref_ids(reference, text, None)
+    assert ours.encode([text])[0] == _ref_ids(reference, text, ours.max_length)
+
+
+@fuzz_settings(60)
+@given(texts=st.lists(hostile_text, min_size=1, max_size=5))
+def test_padded_batches_match_sentence_transformers(jax_model, st_model, texts):
+    """The whole padded batch (ids and attention mask) equals what SentenceTransformer feeds its model."""
+    ref = st_model.preprocess(texts)
+    got = jax_model.tokenize(texts)
+    np.testing.assert_array_equal(got["input_ids"], ref["input_ids"].numpy())
+    np.testing.assert_array_equal(got["attention_mask"], ref["attention_mask"].numpy())
+
+
+@fuzz_settings(30)
+@given(prefix=st.lists(fragment, max_size=4).map("".join), suffix=hostile_text)
+def test_token_past_the_embedding_table_is_an_error(jax_model, reference, prefix, suffix):
+    """<image_soft_token> gets the reference's id (== vocab_size), and encode refuses it by name."""
+    text = prefix + "<image_soft_token>" + suffix
+    ids = jax_model.tokenizer.encode([text])[0]
+    assert ids == _ref_ids(reference, text, jax_model.config.max_seq_length)
+    if jax_model.config.vocab_size not in ids:  # truncated away: nothing to refuse
+        return
+    with pytest.raises(ValueError, match=r"token id 512 \('<image_soft_token>'\).*outside the embedding table"):
+        jax_model.encode(["harmless", text])
+
+
+@pytest.mark.parametrize("text", ["\ud800", "ok \udfff tail", "<eos>\ud83d"])
+def test_lone_surrogates_are_a_clear_error(jax_model, reference, text):
+    """A str holding a lone surrogate has no UTF-8 form; the reference refuses it too (TypeError)."""
+    with pytest.raises(TypeError):
+        reference(text)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        jax_model.encode(["fine", text])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Added tokens with lstrip / rstrip / single_word / normalized flags (the tiny checkpoint has none set;
+# real tokenizers do). The reference is the tiny tokenizer with such tokens added by transformers itself.
+
+FLAGGED = {  # content -> flags
+    "<ls>": dict(lstrip=True),
+    "<rs>": dict(rstrip=True),
+    "<sw>": dict(single_word=True),
+    "<all>": dict(lstrip=True, rstrip=True, single_word=True),
+    "ab cd": dict(normalized=True),
+    "<nl>": dict(lstrip=True, rstrip=True, normalized=True),
+    " <w>": dict(),
+    "\n\n": dict(),
+    "x": dict(single_word=True),
+    "<ls><rs>": dict(),
+}
+BOUNDARY = [
+    " ", "  ", "\t", "\n", "\u3000", "\u2000", "\x85", "\x1c", "\x1f", "\u200b", "\u180e", "\u2581", "_", "a", "Z",
+    "²", "٣", "Ⅻ", "Ⓐ", "\u0301", "\u200d", "‿", "-", ".", "ab", "cd", "ab\u2581cd", "xx", "<", "é", "🅰",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def flagged_dir(tiny_ckpt, tmp_path_factory):
+    from tokenizers import AddedToken as HFAddedToken
+
+    out = tmp_path_factory.mktemp("flagged_tokenizer")
+    tok = AutoTokenizer.from_pretrained(str(tiny_ckpt))
+    tok.add_tokens([HFAddedToken(c, **{"normalized": False, **flags}) for c, flags in FLAGGED.items()])
+    tok.add_tokens([HFAddedToken("<sp>", lstrip=True, rstrip=True, normalized=False)], special_tokens=True)
+    tok.save_pretrained(str(out))
+    shutil.copyfile(tiny_ckpt / "tokenizer.model", out / "tokenizer.model")
+    return out
+
+
+@pytest.fixture(scope="module")
+def flagged(flagged_dir):
+    """(ours, reference) for the flagged tokenizer."""
+    return Tokenizer.from_dir(flagged_dir, max_length=10_000), AutoTokenizer.from_pretrained(str(flagged_dir))
+
+
+@fuzz_settings(400)
+@given(pieces=st.lists(st.sampled_from([*FLAGGED, "<sp>", "<eos>", *BOUNDARY]), max_size=14))
+def test_added_token_flags_match_reference(flagged, pieces):
+    ours, reference = flagged
+    text = "".join(pieces)
+    assert ours.encode([text])[0] == reference(text)["input_ids"], repr(text)
+
+
+def test_flags_survived_the_round_trip(flagged_dir):
+    """Guards the fixture: the saved reference really has the flags we fuzz."""
+    from embgemma_jax.tokenizer import read_added_tokens
+
+    got = {t.content: t for t in read_added_tokens(flagged_dir)}
+    assert got["<all>"].lstrip and got["<all>"].rstrip and got["<all>"].single_word
+    assert got["ab cd"].normalized and not got["<ls>"].normalized and got["<sp>"].special
