@@ -358,9 +358,11 @@ class Tokenizer:
 
 
 def check_texts(texts: Any) -> None:
-    """Raises a TypeError naming the first item that is not a str."""
-    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
-        raise TypeError(f"expected a sequence of str, got {type(texts).__name__}")
+    """Raises a TypeError naming the first item that is not a str (bytes get a hint to decode them)."""
+    if isinstance(texts, (str, bytes, bytearray, memoryview)) or not isinstance(texts, Sequence):
+        hint = "; decode bytes to str first" if isinstance(texts, (bytes, bytearray, memoryview)) else ""
+        raise TypeError(f"expected a str or a sequence (list, tuple) of str, got {type(texts).__name__}{hint}")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] is {type(t).__name__} ({t!r:.60}); every text must be a str")
+            hint = " (decode bytes to str first)" if isinstance(t, (bytes, bytearray)) else ""
+            raise TypeError(f"texts[{i}] is {type(t).__name__} ({t!r:.60}); every text must be a str{hint}")
