@@ -4,10 +4,11 @@ The reference (transformers' GemmaTokenizer over ``tokenizer.json``) does three 
 SentencePiece model: it matches added/special tokens written literally in the text (``<eos>``,
 ``<mask>``, ``<unused0>``, ``<image_soft_token>``, ...) as single ids, it adds BOS and EOS, and it
 truncates keeping both. Everything beyond the SentencePiece model comes from the checkpoint's
-``tokenizer.json``, which is what transformers (5.x) itself uses: the added-token vocabulary with its
-lstrip/rstrip/single_word/normalized flags, the normalizer applied before matching normalized tokens,
-and the post-processor template that adds BOS/EOS (``add_bos_token``/``add_eos_token`` in
-``tokenizer_config.json`` are ignored by transformers 5 when ``tokenizer.json`` exists, and so by us).
+``tokenizer.json``, read the way transformers 5's GemmaTokenizer reads it: the added-token vocabulary
+with its lstrip/rstrip/single_word/normalized flags and the post-processor template that adds BOS/EOS.
+Two things in the files are ignored because the reference ignores them too: ``add_bos_token`` /
+``add_eos_token`` in ``tokenizer_config.json`` (the template decides) and ``tokenizer.json``'s normalizer
+(GemmaTokenizer always installs ``" " -> "\u2581"``, which SentencePiece's own whitespace escaping matches).
 """
 
 from __future__ import annotations
@@ -98,29 +99,6 @@ def parse_template(tj: dict[str, Any], path: Path) -> tuple[int | None, int | No
     return bos, (ids[0] if ids else None)
 
 
-def parse_normalizer(tj: dict[str, Any], path: Path) -> list[tuple[str, str]]:
-    """The literal replacements of ``tokenizer.json``'s normalizer (Gemma: ``" " -> "\u2581"``).
-
-    They are only used to match added tokens with ``normalized: true`` (tokenizers matches those against
-    the normalized text); plain text is normalized by SentencePiece itself.
-    """
-    spec = tj.get("normalizer")
-    if spec is None:
-        return []
-    steps = spec.get("normalizers") if isinstance(spec, dict) and spec.get("type") == "Sequence" else [spec]
-    out = []
-    for step in steps if isinstance(steps, list) else [steps]:
-        ok = isinstance(step, dict) and step.get("type") == "Replace"
-        pattern = (step.get("pattern") or {}).get("String") if ok else None
-        if not isinstance(pattern, str) or not isinstance(step.get("content"), str):
-            raise CheckpointError(
-                f"{path}: normalizer step {step!r:.200} is not supported; only literal Replace steps (Gemma's "
-                "' ' -> '\u2581') can be reproduced exactly"
-            )
-        out.append((pattern, step["content"]))
-    return out
-
-
 # tokenizers matches added tokens with Rust regex classes, which differ from Python's str methods: its
 # whitespace is the Unicode White_Space property (so U+001C..U+001F are not whitespace, unlike str.isspace)
 # and its word characters (single_word) are \p{Alphabetic}, \p{M}, \p{Nd}, \p{Pc} and Join_Control (so
@@ -199,8 +177,9 @@ class Tokenizer:
       model_file: the SentencePiece ``tokenizer.model``.
       added_tokens: the tokenizer's added-token vocabulary (matched literally, leftmost-longest).
       max_length: truncation length including BOS and EOS.
-      normalizer: literal replacements that tokenizers applies before matching ``normalized: true``
-        added tokens (see :func:`parse_normalizer`).
+      normalizer: literal replacements applied before matching ``normalized: true`` added tokens. The
+        default is what transformers' GemmaTokenizer installs (``" " -> "\u2581"``); it ignores the
+        normalizer written in ``tokenizer.json``, and so do we.
     """
 
     def __init__(
@@ -265,7 +244,6 @@ class Tokenizer:
             max_length=max_length,
             add_bos=bos is not None,
             add_eos=eos is not None,
-            normalizer=parse_normalizer(tj, path),
             **kwargs,
         )
 

@@ -185,3 +185,21 @@ def test_flags_survived_the_round_trip(flagged_dir):
     got = {t.content: t for t in read_added_tokens(flagged_dir)}
     assert got["<all>"].lstrip and got["<all>"].rstrip and got["<all>"].single_word
     assert got["ab cd"].normalized and not got["<ls>"].normalized and got["<sp>"].special
+
+
+def test_tokenizer_json_normalizer_is_ignored_like_the_reference(flagged_dir, tmp_path):
+    """transformers' GemmaTokenizer installs its own normalizer (" " -> U+2581) whatever tokenizer.json says;
+    with an NFKC + Lowercase normalizer written there, both tokenizers still agree (and differ from NFKC)."""
+    import json
+
+    d = tmp_path / "tok"
+    shutil.copytree(flagged_dir, d)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]}
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    reference = AutoTokenizer.from_pretrained(str(d))
+    ours = Tokenizer.from_dir(d, max_length=10_000)
+    texts = ["ﬁne ① AB CD", "ab cd", "ab\u2581cd <nl> x", "Ｍars  <ls> <rs> <sw>"]
+    for text in texts:
+        assert ours.encode([text])[0] == reference(text)["input_ids"], repr(text)
+    assert ours.encode(["ﬁ"])[0] != ours.encode(["fi"])[0]  # no NFKC applied
