@@ -203,3 +203,35 @@ def test_tokenizer_json_normalizer_is_ignored_like_the_reference(flagged_dir, tm
     for text in texts:
         assert ours.encode([text])[0] == reference(text)["input_ids"], repr(text)
     assert ours.encode(["ﬁ"])[0] != ours.encode(["fi"])[0]  # no NFKC applied
+
+
+@pytest.mark.parametrize(
+    "template, add_bos_eos",
+    [("bos_eos", (False, False)), ("bos", (True, True)), ("eos", (True, False)), (None, (True, True))],
+)
+def test_bos_eos_come_from_the_post_processor_like_the_reference(tiny_ckpt, tmp_path, template, add_bos_eos):
+    """transformers 5 takes BOS/EOS from tokenizer.json's template and ignores add_bos_token/add_eos_token
+    in tokenizer_config.json; truncation leaves room for exactly the tokens the template adds."""
+    import json
+
+    d = tmp_path / "tok"
+    d.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        shutil.copyfile(tiny_ckpt / name, d / name)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    single = tj["post_processor"]["single"]  # [<bos>, $A, <eos>]
+    if template is None:
+        tj["post_processor"] = None
+    else:
+        tj["post_processor"]["single"] = {"bos_eos": single, "bos": single[:2], "eos": single[1:]}[template]
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    tc["add_bos_token"], tc["add_eos_token"] = add_bos_eos
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+
+    reference = AutoTokenizer.from_pretrained(str(d))
+    for max_length in (4, 9, 96):
+        ours = Tokenizer.from_dir(d, max_length=max_length)
+        for text in ["", "ab", "planet Mars <eos> " * 10]:
+            want = reference(text, truncation=True, max_length=max_length)["input_ids"]
+            assert ours.encode([text])[0] == want, (max_length, text)
