@@ -93,6 +93,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "embed": _add_embed,
     "convert": _add_convert,
+    "parity": lambda sub: __import__("embgemma_jax.parity", fromlist=["add_parser"]).add_parser(sub),
 }
 
 

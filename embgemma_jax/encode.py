@@ -14,6 +14,7 @@ import numpy as np
 from embgemma_jax.checkpoint import Checkpoint, load_checkpoint, save_converted
 from embgemma_jax.config import MATRYOSHKA_DIMS, EmbeddingGemmaConfig
 from embgemma_jax.model import EmbeddingGemmaModule, EncoderOutput, resolve_dtype
+from embgemma_jax.pooling import PoolingLike, as_pooling_spec, get_pooling
 from embgemma_jax.prompts import resolve_prompt, title_prompts
 from embgemma_jax.tokenizer import Tokenizer, check_texts
 
@@ -62,11 +63,7 @@ class EmbeddingGemma:
             eos_id=self.config.eos_token_id,
             pad_id=self.config.pad_token_id,
         )
-        if self.config.pooling_mode != "mean":
-            raise ValueError(
-                f"pooling_mode {self.config.pooling_mode!r} in the checkpoint is not supported by encode(); "
-                "EmbeddingGemma uses 'mean'"
-            )
+        get_pooling(self.config.pooling_mode)  # raises on a mode we do not implement
         self.module = EmbeddingGemmaModule(self.config, self.dtype)
         self._apply = jax.jit(self._forward, static_argnames=("return_hidden_states",))
         self._shapes_lock = threading.Lock()
@@ -180,6 +177,9 @@ class EmbeddingGemma:
         show_progress_bar: bool | None = None,
         *,
         prompts_per_text: Sequence[str] | None = None,
+        pooling: PoolingLike = None,
+        layers: int | Sequence[int] | None = None,
+        include_prompt: bool | None = None,
     ) -> np.ndarray:
         """Embeds texts. Returns float32 [N, E] ([E] for a single str), in input order.
 
@@ -189,7 +189,38 @@ class EmbeddingGemma:
           truncate_dim: keep the first truncate_dim dimensions (Matryoshka).
           normalize_embeddings: L2-normalize after truncation.
           prompts_per_text: one prompt per text (used by encode_document with titles).
+          pooling: a pooling mode name ("mean", "cls", "lasttoken", "max", "mean_sqrt_len_tokens",
+            "weightedmean"), a function ``fn(states [B, T, D], mask [B, T]) -> [B, D]``, or a
+            :class:`~embgemma_jax.pooling.PoolingSpec` (layers, layer weights, head, ...). Default: the
+            checkpoint's (mean). See :mod:`embgemma_jax.research`.
+          layers: pool hidden state(s) of these layers (transformers' ``hidden_states`` indexing, -1 = the
+            final-normed output; several are averaged) instead of the final states.
+          include_prompt: False drops the prompt's tokens from the pool (default: the checkpoint's).
         """
+        if pooling is not None or layers is not None or include_prompt is not None or not self.config.include_prompt:
+            spec = as_pooling_spec(
+                pooling,
+                layers=layers,
+                include_prompt=include_prompt,
+                default_mode=self.config.pooling_mode,
+                default_include_prompt=self.config.include_prompt,
+            )
+        else:
+            spec = None
+        if spec is not None or self.config.pooling_mode != "mean":
+            if truncate_dim is not None and (spec is None or spec.head):
+                self._check_truncate_dim(truncate_dim)
+            return self.embed_variants(
+                sentences,
+                {"embedding": spec},
+                prompt_name=prompt_name,
+                prompt=prompt,
+                prompts_per_text=prompts_per_text,
+                batch_size=batch_size,
+                truncate_dim=truncate_dim,
+                normalize_embeddings=normalize_embeddings,
+                show_progress_bar=show_progress_bar,
+            )["embedding"]
         single = isinstance(sentences, str)
         texts = [sentences] if single else sentences
         check_texts(texts)
@@ -266,6 +297,24 @@ class EmbeddingGemma:
         if kwargs.get("prompt_name") is None and kwargs.get("prompt") is None and "document" in self.prompts:
             kwargs["prompt_name"] = "document"
         return self.encode(sentences, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------
+    # Research surface (see embgemma_jax.research)
+
+    def embed_variants(
+        self, sentences: str | Sequence[str], variants: dict[str, PoolingLike], **kwargs: Any
+    ) -> dict[str, np.ndarray]:
+        """Embeds texts under several pooling variants (name -> mode, function or PoolingSpec) with one
+        encoder pass per batch. Keyword arguments as :meth:`encode`. Returns name -> [N, width]."""
+        from embgemma_jax.research import embed_variants
+
+        return embed_variants(self, sentences, variants, **kwargs)
+
+    def inspect(self, sentences: str | Sequence[str], **kwargs: Any):
+        """Intermediates of the reference pipeline on one batch (see :func:`embgemma_jax.research.inspect`)."""
+        from embgemma_jax.research import inspect
+
+        return inspect(self, sentences, **kwargs)
 
     @staticmethod
     def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
