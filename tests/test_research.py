@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import F32_ATOL
+from tests.conftest import F32_ATOL
 
 from embgemma_jax.oracle import oracle_forward
 from embgemma_jax.pooling import PoolingSpec
