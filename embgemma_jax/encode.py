@@ -13,7 +13,7 @@ import numpy as np
 
 from embgemma_jax.checkpoint import Checkpoint, load_checkpoint, save_converted
 from embgemma_jax.config import MATRYOSHKA_DIMS, EmbeddingGemmaConfig
-from embgemma_jax.model import EmbeddingGemmaModule, EncoderOutput, resolve_dtype
+from embgemma_jax.model import EmbeddingGemmaModule, EncoderOutput, check_attention_impl, resolve_dtype
 from embgemma_jax.prompts import resolve_prompt, title_prompts
 from embgemma_jax.tokenizer import Tokenizer, check_texts
 
@@ -47,8 +47,9 @@ class EmbeddingGemma:
     Build it with :meth:`from_pretrained`. ``encode`` returns NumPy arrays.
     """
 
-    def __init__(self, checkpoint: Checkpoint, *, dtype: Any = "float32") -> None:
+    def __init__(self, checkpoint: Checkpoint, *, dtype: Any = "float32", attention_impl: str = "auto") -> None:
         self.dtype = resolve_dtype(dtype)
+        self.attention_impl = check_attention_impl(attention_impl)
         self.config: EmbeddingGemmaConfig = checkpoint.config
         self.params = checkpoint.params
         self.prompts: dict[str, str] = dict(checkpoint.prompts)
@@ -67,7 +68,7 @@ class EmbeddingGemma:
                 f"pooling_mode {self.config.pooling_mode!r} in the checkpoint is not supported by encode(); "
                 "EmbeddingGemma uses 'mean'"
             )
-        self.module = EmbeddingGemmaModule(self.config, self.dtype)
+        self.module = EmbeddingGemmaModule(self.config, self.dtype, self.attention_impl)
         self._apply = jax.jit(self._forward, static_argnames=("return_hidden_states",))
         self._shapes_lock = threading.Lock()
         self.compiled_shapes: set[tuple[int, int]] = set()
@@ -81,6 +82,7 @@ class EmbeddingGemma:
         name_or_path: str | Path,
         *,
         dtype: Any = "float32",
+        attention_impl: str = "auto",
         revision: str | None = None,
         cache_dir: str | Path | None = None,
         token: str | bool | None = None,
@@ -90,6 +92,7 @@ class EmbeddingGemma:
 
         Args:
           dtype: "float32" (exact parity, default) or "bfloat16". float16 is refused (it overflows).
+          attention_impl: "auto" (default), "dense" or "banded" for sliding-window layers.
         """
         compute = resolve_dtype(dtype)
         store = np.float32 if compute == jnp.float32 else jnp.bfloat16
@@ -101,7 +104,7 @@ class EmbeddingGemma:
             cache_dir=cache_dir,
             token=token,
         )
-        return cls(ckpt, dtype=compute)
+        return cls(ckpt, dtype=compute, attention_impl=attention_impl)
 
     def save_converted(self, out_dir: str | Path) -> Path:
         """Writes this model in the converted format (float32 parameters)."""
