@@ -213,7 +213,7 @@ def evaluate_retrieval(
     texts: list[str] = []
     for d in doc_ids:
         v = corpus[d]
-        title, text = (v if isinstance(v, tuple) else (None, v))
+        title, text = v if isinstance(v, tuple) else (None, v)
         titles.append(title)
         texts.append(text)
     evaluated = [q for q in queries if _positive(qrels.get(q, {}))]

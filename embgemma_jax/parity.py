@@ -344,12 +344,20 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
         if not pts:
             continue
         xs, ys = zip(*pts, strict=True)
-        line = ax.plot(xs, [max(y, floor) for y in ys], marker=marker, markersize=3, linewidth=1,
-                       label=pair.replace("_", " "))[0]
+        line = ax.plot(
+            xs, [max(y, floor) for y in ys], marker=marker, markersize=3, linewidth=1, label=pair.replace("_", " ")
+        )[0]
         exact = [x for x, y in pts if y == 0]
         if exact:  # identical values: drawn on the floor with a hollow marker
-            ax.plot(exact, [floor] * len(exact), marker="v", linestyle="none", markerfacecolor="none",
-                    color=line.get_color(), label=f"{pair.replace('_', ' ')}: exactly 0")
+            ax.plot(
+                exact,
+                [floor] * len(exact),
+                marker="v",
+                linestyle="none",
+                markerfacecolor="none",
+                color=line.get_color(),
+                label=f"{pair.replace('_', ' ')}: exactly 0",
+            )
     ax.set_yscale("log")
     ax.set_xticks(np.arange(len(names)))
     ax.set_xticklabels(names, rotation=90, fontsize=7)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from embgemma_jax.model import DenseHead, Encoder, RMSNorm, l2_normalize
+from embgemma_jax.model import DenseHead, EmbeddingGemmaModule, Encoder, RMSNorm, l2_normalize
 from embgemma_jax.pooling import (
     PoolFn,
     PoolingLike,
@@ -140,7 +140,10 @@ class _Runner:
         self.config = model.config
         self.dtype = model.dtype
         self.module = model.module
-        self.encoder = Encoder(self.config, self.dtype)
+        # Attention probabilities exist as full [T, S] matrices only in the dense sliding-window form; the
+        # banded form computes the same per-query softmax on key blocks. Capturing them runs the dense form.
+        self.dense_module = EmbeddingGemmaModule(self.config, self.dtype, "dense")
+        self.encoder = Encoder(self.config, self.dtype, model.attention_impl)
         self.states = jax.jit(self._states, static_argnames=("all_layers",))
         self.pool_head = jax.jit(self._pool_head, static_argnames=("plan",))
         self.capture = jax.jit(self._capture, static_argnames=("capture",))
@@ -182,7 +185,8 @@ class _Runner:
         return pooled, dense, out
 
     def _capture(self, params, ids, mask, pool_mask, *, capture: Capture) -> dict[str, Any]:
-        out, state = self.module.apply({"params": params}, ids, mask, pool_mask, mutable=["intermediates"])
+        module = self.dense_module if capture.attention_layers else self.module
+        out, state = module.apply({"params": params}, ids, mask, pool_mask, mutable=["intermediates"])
         inter = state["intermediates"]
         enc = inter["encoder"]
         n = self.config.num_layers

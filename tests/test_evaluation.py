@@ -131,8 +131,14 @@ def test_mteb_prompt_name_matches_mteb():
     from mteb.types import PromptType
 
     prompts = {
-        "query": "Q: ", "document": "D: ", "Retrieval-query": "RQ: ", "STS": "S: ",
-        "Classification": "C: ", "MyTask": "T: ", "MyTask-document": "TD: ", "Clustering-document": "CD: ",
+        "query": "Q: ",
+        "document": "D: ",
+        "Retrieval-query": "RQ: ",
+        "STS": "S: ",
+        "Classification": "C: ",
+        "MyTask": "T: ",
+        "MyTask-document": "TD: ",
+        "Clustering-document": "CD: ",
     }
     for table in (prompts, {"STS": "s"}, None):
         for task_type in typing.get_args(TaskType):
@@ -152,11 +158,24 @@ def _local_retrieval_task():
 
     class LocalRetrieval(AbsTaskRetrieval):
         metadata = TaskMetadata(
-            type="Retrieval", name="EmbgemmaLocalRetrieval", main_score="ndcg_at_10", description="local test task",
-            reference="https://example.org", dataset={"path": "NA", "revision": "NA"}, category="t2t",
-            eval_splits=["test"], eval_langs=["eng-Latn"], date=("2024-01-01", "2024-01-02"), dialect=["Written"],
-            domains=[], task_subtypes=[], license="cc-by-4.0", annotations_creators="derived", modalities=["text"],
-            sample_creation="found", bibtex_citation="",
+            type="Retrieval",
+            name="EmbgemmaLocalRetrieval",
+            main_score="ndcg_at_10",
+            description="local test task",
+            reference="https://example.org",
+            dataset={"path": "NA", "revision": "NA"},
+            category="t2t",
+            eval_splits=["test"],
+            eval_langs=["eng-Latn"],
+            date=("2024-01-01", "2024-01-02"),
+            dialect=["Written"],
+            domains=[],
+            task_subtypes=[],
+            license="cc-by-4.0",
+            annotations_creators="derived",
+            modalities=["text"],
+            sample_creation="found",
+            bibtex_citation="",
         )
 
         def load_data(self, num_proc=None, **kwargs):

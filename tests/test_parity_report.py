@@ -16,16 +16,35 @@ def test_parity_cli_float32_passes_and_writes_json_and_plot(tiny_ckpt, tmp_path,
     texts = tmp_path / "texts.txt"
     texts.write_text(
         "Which planet is known as the Red Planet?\n\n"
-        + "The quick brown fox jumps over the lazy dog. " * 12 + "\n"  # longer than the window, truncated
+        + "The quick brown fox jumps over the lazy dog. " * 12
+        + "\n"  # longer than the window, truncated
         + "émigré café 東京 😀\n",
         encoding="utf-8",
     )
     out_json, out_png = tmp_path / "report.json", tmp_path / "report.png"
-    rc = main([
-        "parity", "--model", str(tiny_ckpt), "--texts", str(texts), "--prompt-name", "query",
-        "--json", str(out_json), "--plot", str(out_png),
-        "--max-abs-tol", "1e-5", "--max-rel-tol", str(F32_REL), "--min-cosine", "0.99999", "--min-token-agreement", "1",
-    ])
+    rc = main(
+        [
+            "parity",
+            "--model",
+            str(tiny_ckpt),
+            "--texts",
+            str(texts),
+            "--prompt-name",
+            "query",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+            "--max-abs-tol",
+            "1e-5",
+            "--max-rel-tol",
+            str(F32_REL),
+            "--min-cosine",
+            "0.99999",
+            "--min-token-agreement",
+            "1",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "all tolerances met" in printed and "L5.out" in printed
@@ -55,8 +74,20 @@ def test_parity_cli_float32_passes_and_writes_json_and_plot(tiny_ckpt, tmp_path,
 
 def test_parity_cli_bfloat16_fails_float32_tolerance(tiny_ckpt, tmp_path, capsys):
     out_json = tmp_path / "bf16.json"
-    rc = main(["parity", "--model", str(tiny_ckpt), "--dtype", "bfloat16", "--no-reference",
-               "--json", str(out_json), "--max-rel-tol", "1e-4"])
+    rc = main(
+        [
+            "parity",
+            "--model",
+            str(tiny_ckpt),
+            "--dtype",
+            "bfloat16",
+            "--no-reference",
+            "--json",
+            str(out_json),
+            "--max-rel-tol",
+            "1e-4",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 1
     assert "FAILED" in printed

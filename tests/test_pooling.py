@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from tests.conftest import F32_ATOL
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 
@@ -19,6 +18,7 @@ from embgemma_jax.pooling import (
     pool,
     prompt_length,
 )
+from tests.conftest import F32_ATOL
 
 MODES = list(POOLING_MODES)
 PROMPT = "task: search result | query: "
@@ -134,9 +134,7 @@ def test_checkpoint_with_other_pooling_config(tmp_path, tiny_ckpt, st_model):
     assert (model.config.pooling_mode, model.config.include_prompt) == ("lasttoken", False)
     reloaded = SentenceTransformer(str(out), device="cpu")
     texts = TEXTS[:3]
-    np.testing.assert_allclose(
-        model.encode_query(texts), reloaded.encode_query(texts), rtol=0, atol=F32_ATOL
-    )
+    np.testing.assert_allclose(model.encode_query(texts), reloaded.encode_query(texts), rtol=0, atol=F32_ATOL)
 
 
 def test_errors_name_the_problem(jax_model):

@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from tests.conftest import F32_ATOL
 
 from embgemma_jax.oracle import oracle_forward
 from embgemma_jax.pooling import PoolingSpec
 from embgemma_jax.research import Capture, runner
+from tests.conftest import F32_ATOL
 
 TEXTS = [
     "Which planet is known as the Red Planet?",
@@ -73,16 +73,18 @@ def test_layer_variants_match_torch_hidden_states(st_model, jax_model):
     got = jax_model.embed_variants(TEXTS, variants, prompt=PROMPT, batch_size=4)
     assert r.states._cache_size() - before == 1  # one encoder program (all layers) for all five variants
     for name, exp in expected.items():
-        np.testing.assert_allclose(got[name], exp, rtol=0, atol=F32_ATOL * 10 if name == "user" else F32_ATOL,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            got[name], exp, rtol=0, atol=F32_ATOL * 10 if name == "user" else F32_ATOL, err_msg=name
+        )
     # the variants really differ from each other and from the reference embedding
     ref = st_model.encode(TEXTS, prompt=PROMPT)
     for name in ("layer2", "last3", "mix", "embed_max"):
         assert np.abs(got[name] - ref).max() > 1e-2, name
 
     # encode() with the same choices, one call each: no new encoder program for layer variants ...
-    np.testing.assert_allclose(jax_model.encode(TEXTS, prompt=PROMPT, layers=2, batch_size=4), expected["layer2"],
-                               rtol=0, atol=F32_ATOL)
+    np.testing.assert_allclose(
+        jax_model.encode(TEXTS, prompt=PROMPT, layers=2, batch_size=4), expected["layer2"], rtol=0, atol=F32_ATOL
+    )
     assert r.states._cache_size() - before == 1
     # ... and a second one (returning only the final states) shared by every variant of the last layer
     user = jax_model.encode(TEXTS, prompt=PROMPT, pooling=PoolingSpec(sum_over_ten, head=False), batch_size=4)
@@ -176,3 +178,20 @@ def test_research_errors(jax_model):
         jax_model.inspect(["x"], capture=Capture(residuals=False)).hidden_states()
     with pytest.raises(ValueError, match="truncate_dim=100 exceeds variant 'user'"):
         jax_model.embed_variants(["x"], {"user": PoolingSpec("mean", head=False)}, truncate_dim=100)
+
+
+def test_attention_capture_with_banded_sliding_layers(tiny_ckpt, jax_model):
+    """A model whose sliding layers run banded (the long-sequence fast path) still returns full attention
+    matrices (captured with the dense form) and the same states."""
+    from embgemma_jax import EmbeddingGemma
+
+    banded = EmbeddingGemma.from_pretrained(tiny_ckpt, attention_impl="banded")
+    it = banded.inspect(TEXTS, capture=Capture(attention_layers=(1,)))
+    o = oracle_forward(banded.params, banded.config, it.input_ids, it.attention_mask, attention_layers=(1,))
+    rows = np.broadcast_to(it.attention_mask.astype(bool)[:, None, :, None], it.attention_probs[1].shape)
+    np.testing.assert_allclose(it.attention_probs[1][rows], o.attention_probs[1][rows], rtol=0, atol=1e-6)
+    # pooling variants on the banded encoder equal those of the dense one
+    spec = {"l3": PoolingSpec("max", layers=3)}
+    np.testing.assert_allclose(
+        banded.embed_variants(TEXTS, spec)["l3"], jax_model.embed_variants(TEXTS, spec)["l3"], rtol=0, atol=F32_ATOL
+    )
