@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,9 @@ from embgemma_jax.model import EmbeddingGemmaModule, EncoderOutput, check_attent
 from embgemma_jax.pooling import PoolingLike, as_pooling_spec, get_pooling
 from embgemma_jax.prompts import resolve_prompt, title_prompts
 from embgemma_jax.tokenizer import Tokenizer, check_texts
+
+if TYPE_CHECKING:
+    from embgemma_jax.research import Intermediates
 
 # Sequence lengths are padded up to one of these (capped at max_seq_length), so a model compiles at most
 # len(BUCKETS) programs per batch size however many distinct lengths it sees.
@@ -317,8 +320,11 @@ class EmbeddingGemma:
 
         return embed_variants(self, sentences, variants, **kwargs)
 
-    def inspect(self, sentences: str | Sequence[str], **kwargs: Any):
-        """Intermediates of the reference pipeline on one batch (see :func:`embgemma_jax.research.inspect`)."""
+    def inspect(self, sentences: str | Sequence[str], **kwargs: Any) -> Intermediates:
+        """Intermediates of the reference pipeline on one batch: per-layer residual streams, final states,
+        pooled and dense outputs, attention probabilities of chosen layers (NaN at padding). Keyword
+        arguments: prompt_name, prompt, titles, capture (a :class:`~embgemma_jax.research.Capture`),
+        mark_padding; see :func:`embgemma_jax.research.inspect`."""
         from embgemma_jax.research import inspect
 
         return inspect(self, sentences, **kwargs)
