@@ -15,6 +15,7 @@ from embgemma_jax.checkpoint import Checkpoint, load_checkpoint, save_converted
 from embgemma_jax.config import MATRYOSHKA_DIMS, EmbeddingGemmaConfig
 from embgemma_jax.model import EmbeddingGemmaModule, EncoderOutput, check_attention_impl, resolve_dtype
 from embgemma_jax.prompts import resolve_prompt, title_prompts
+from embgemma_jax.quant import check_quantize, expand_quantized, is_quantized, quantizing_put
 from embgemma_jax.tokenizer import Tokenizer, check_texts
 
 # Sequence lengths are padded up to one of these (capped at max_seq_length), so a model compiles at most
@@ -82,6 +83,7 @@ class EmbeddingGemma:
         name_or_path: str | Path,
         *,
         dtype: Any = "float32",
+        quantize: str | None = None,
         attention_impl: str = "auto",
         revision: str | None = None,
         cache_dir: str | Path | None = None,
@@ -92,22 +94,39 @@ class EmbeddingGemma:
 
         Args:
           dtype: "float32" (exact parity, default) or "bfloat16". float16 is refused (it overflows).
+          quantize: None (default) or "int8": weight-only int8 for the large matrices and the embedding
+            table (per-channel scales); use with dtype="bfloat16" for speed. See ``quant.py``.
           attention_impl: "auto" (default), "dense" or "banded" for sliding-window layers.
         """
         compute = resolve_dtype(dtype)
+        check_quantize(quantize)
         store = np.float32 if compute == jnp.float32 else jnp.bfloat16
+
+        def put(_path: tuple[str, ...], arr: np.ndarray) -> jax.Array:
+            if arr.dtype.kind == "f" or arr.dtype == jnp.bfloat16:
+                arr = arr.astype(store if not _path[-1].endswith("_scale") else np.float32)
+            return jax.device_put(arr)
+
         ckpt = load_checkpoint(
             name_or_path,
-            dtype=store,
-            put=lambda _path, arr: jax.device_put(arr),
+            dtype=np.float32 if quantize else store,
+            put=quantizing_put(put) if quantize else put,
             revision=revision,
             cache_dir=cache_dir,
             token=token,
         )
+        if quantize:
+            ckpt.params = expand_quantized(ckpt.params)
         return cls(ckpt, dtype=compute, attention_impl=attention_impl)
+
+    @property
+    def quantized(self) -> bool:
+        return is_quantized(self.params)
 
     def save_converted(self, out_dir: str | Path) -> Path:
         """Writes this model in the converted format (float32 parameters)."""
+        if self.quantized:
+            raise ValueError("save_converted needs float parameters; load without quantize= to convert")
         ckpt = Checkpoint(
             self.config,
             jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), self.params),
