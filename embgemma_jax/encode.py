@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from embgemma_jax import sharding
 from embgemma_jax.checkpoint import Checkpoint, load_checkpoint, save_converted
 from embgemma_jax.config import MATRYOSHKA_DIMS, EmbeddingGemmaConfig
 from embgemma_jax.model import EmbeddingGemmaModule, EncoderOutput, resolve_dtype
@@ -71,6 +72,9 @@ class EmbeddingGemma:
         self._apply = jax.jit(self._forward, static_argnames=("return_hidden_states",))
         self._shapes_lock = threading.Lock()
         self.compiled_shapes: set[tuple[int, int]] = set()
+        # Data parallelism (see shard()): None runs every batch on the default device.
+        self.mesh: jax.sharding.Mesh | None = None
+        self.fsdp = False
 
     # ------------------------------------------------------------------------------------------------
     # Construction
@@ -84,24 +88,54 @@ class EmbeddingGemma:
         revision: str | None = None,
         cache_dir: str | Path | None = None,
         token: str | bool | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        fsdp: bool = False,
     ) -> EmbeddingGemma:
         """Loads a Hub id (e.g. ``google/embeddinggemma-300m``), a sentence-transformers directory, or a
         directory written by ``embgemma-jax convert``.
 
         Args:
           dtype: "float32" (exact parity, default) or "bfloat16". float16 is refused (it overflows).
+          mesh: encode data-parallel over this mesh (see :meth:`shard`); each tensor is loaded straight
+            onto its devices. None: one device.
+          fsdp: with a mesh, split every parameter over the devices instead of replicating it.
         """
         compute = resolve_dtype(dtype)
         store = np.float32 if compute == jnp.float32 else jnp.bfloat16
+        if fsdp and mesh is None:
+            raise ValueError("fsdp=True needs a mesh, e.g. mesh=embgemma_jax.sharding.make_mesh()")
+
+        def put(_path: tuple[str, ...], arr: np.ndarray) -> jax.Array:
+            if mesh is None:
+                return jax.device_put(arr)
+            return jax.device_put(arr, sharding.param_sharding(mesh, arr.shape, fsdp=fsdp))
+
         ckpt = load_checkpoint(
             name_or_path,
             dtype=store,
-            put=lambda _path, arr: jax.device_put(arr),
+            put=put,
             revision=revision,
             cache_dir=cache_dir,
             token=token,
         )
-        return cls(ckpt, dtype=compute)
+        model = cls(ckpt, dtype=compute)
+        if mesh is not None:
+            model.mesh, model.fsdp = mesh, fsdp
+        return model
+
+    def shard(self, mesh: jax.sharding.Mesh | None = None, *, fsdp: bool = False) -> EmbeddingGemma:
+        """Encodes data-parallel from now on: batches split along rows over ``mesh``, parameters
+        replicated (or, with ``fsdp``, split over the devices). Returns self.
+
+        Args:
+          mesh: a mesh with axis ``"data"`` (default: :func:`embgemma_jax.sharding.make_mesh`, all local
+            devices).
+          fsdp: split each parameter along one axis instead of replicating it (less memory per device).
+        """
+        mesh = sharding.make_mesh() if mesh is None else mesh
+        self.params = sharding.shard_params(self.params, mesh, fsdp=fsdp)
+        self.mesh, self.fsdp = mesh, fsdp
+        return self
 
     def save_converted(self, out_dir: str | Path) -> Path:
         """Writes this model in the converted format (float32 parameters)."""
@@ -159,12 +193,25 @@ class EmbeddingGemma:
     ) -> EncoderOutput:
         """The jitted pipeline on already-tokenized, padded ids (checked on the host first)."""
         self.check_ids(input_ids, attention_mask)
+        if self.mesh is not None:
+            return self._forward_sharded(input_ids, attention_mask, pool_mask, return_hidden_states)
         with self._shapes_lock:
             self.compiled_shapes.add(tuple(np.shape(input_ids)))
         ids = jnp.asarray(input_ids, jnp.int32)
         mask = jnp.asarray(attention_mask, jnp.int32)
         pm = mask if pool_mask is None else jnp.asarray(pool_mask, jnp.int32)
         return self._apply(self.params, ids, mask, pm, return_hidden_states=return_hidden_states)
+
+    def _forward_sharded(self, input_ids, attention_mask, pool_mask, return_hidden_states: bool) -> EncoderOutput:
+        """forward over self.mesh: rows padded to a multiple of the device count, split, then dropped again."""
+        n = np.shape(input_ids)[0]
+        ids, mask, pm = sharding.shard_batch(self.mesh, input_ids, attention_mask, pool_mask)
+        with self._shapes_lock:
+            self.compiled_shapes.add(tuple(ids.shape))
+        out = self._apply(self.params, ids, mask, mask if pm is None else pm, return_hidden_states=return_hidden_states)
+        if ids.shape[0] == n:
+            return out
+        return jax.tree_util.tree_map(lambda x: x[:n], out)
 
     # ------------------------------------------------------------------------------------------------
     # encode
