@@ -228,7 +228,9 @@ def _read_st_layout(directory: Path) -> _STLayout:
             if not str(act).endswith("Identity"):
                 raise CheckpointError(f"{sub / 'config.json'}: activation {act!r} is not supported (expected Identity)")
             if dc.get("bias", True):
-                raise CheckpointError(f"{sub / 'config.json'}: Dense with bias is not supported (EmbeddingGemma has none)")
+                raise CheckpointError(
+                    f"{sub / 'config.json'}: Dense with bias is not supported (EmbeddingGemma has none)"
+                )
             dense.append((sub, int(dc["in_features"]), int(dc["out_features"])))
         elif kind == "Normalize":
             normalize = True
@@ -254,7 +256,11 @@ def _pooling_mode(pc: dict[str, Any], sub: Path) -> str:
     if "pooling_mode" in pc:
         return str(pc["pooling_mode"])
     # Older Pooling configs: one boolean per mode.
-    on = [k.removeprefix("pooling_mode_").removesuffix("_tokens") for k, v in pc.items() if k.startswith("pooling_mode_") and v]
+    on = [
+        k.removeprefix("pooling_mode_").removesuffix("_tokens")
+        for k, v in pc.items()
+        if k.startswith("pooling_mode_") and v
+    ]
     if len(on) != 1:
         raise CheckpointError(f"{sub / 'config.json'}: expected exactly one pooling mode, found {on or 'none'}")
     return {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len": "mean_sqrt_len_tokens"}.get(on[0], on[0])
@@ -320,7 +326,9 @@ def load_st_checkpoint(
         seen.add(key)
     missing = sorted(set(table) - seen)
     if missing:
-        raise CheckpointError(f"missing tensors in {layout.backbone_dir}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise CheckpointError(
+            f"missing tensors in {layout.backbone_dir}: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
 
     for i, (sub, fin, fout) in enumerate(layout.dense):
         path = sub / "model.safetensors"
@@ -337,7 +345,9 @@ def load_st_checkpoint(
                 raise CheckpointError(f"{path} holds {names}; expected exactly ['linear.weight']")
             arr = _check_float(_read_tensor(handle, path, "linear.weight"), "linear.weight", path)
         if tuple(arr.shape) != (fout, fin):
-            raise CheckpointError(f"tensor 'linear.weight' in {path} has shape {tuple(arr.shape)}; expected {(fout, fin)}")
+            raise CheckpointError(
+                f"tensor 'linear.weight' in {path} has shape {tuple(arr.shape)}; expected {(fout, fin)}"
+            )
         ours = ("head", f"dense_{i}")
         _set(params, ours, _place(_transpose(arr), dtype, put, ours))
 
@@ -363,7 +373,9 @@ def save_converted(ckpt: Checkpoint, out_dir: str | Path) -> Path:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {"/".join(path): np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for path, v in _flatten(ckpt.params)}
+    tensors = {
+        "/".join(path): np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for path, v in _flatten(ckpt.params)
+    }
     tmp = out_dir / (CONVERTED_PARAMS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
     tmp.replace(out_dir / CONVERTED_PARAMS)
@@ -389,17 +401,16 @@ def load_converted(
     directory = Path(directory)
     meta = read_json(directory / CONVERTED_CONFIG)
     if meta.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{directory / CONVERTED_CONFIG}: format is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+        raise CheckpointError(
+            f"{directory / CONVERTED_CONFIG}: format is {meta.get('format')!r}, expected {FORMAT_NAME!r}"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{directory / CONVERTED_CONFIG}: format_version {meta.get('format_version')!r} is not supported "
             f"(this version reads {FORMAT_VERSION}); re-run the conversion"
         )
     cfg = EmbeddingGemmaConfig.from_dict(meta["config"])
-    expected = {
-        "/".join(p): tuple(s.shape)
-        for p, s in _flatten(_shape_tree(cfg))
-    }
+    expected = {"/".join(p): tuple(s.shape) for p, s in _flatten(_shape_tree(cfg))}
     path = directory / CONVERTED_PARAMS
     params: dict[str, Any] = {}
     seen: set[str] = set()
@@ -415,7 +426,9 @@ def load_converted(
     missing = sorted(set(expected) - seen)
     if missing:
         raise CheckpointError(f"missing tensors in {path}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    return Checkpoint(cfg, params, dict(meta.get("prompts") or {}), meta.get("default_prompt_name"), directory, directory)
+    return Checkpoint(
+        cfg, params, dict(meta.get("prompts") or {}), meta.get("default_prompt_name"), directory, directory
+    )
 
 
 def _shape_tree(cfg: EmbeddingGemmaConfig) -> dict[str, Any]:
@@ -431,8 +444,13 @@ def _shape_tree(cfg: EmbeddingGemmaConfig) -> dict[str, Any]:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve(name_or_path: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None,
-            token: str | bool | None = None) -> Path:
+def resolve(
+    name_or_path: str | Path,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+) -> Path:
     """A local checkpoint directory for a path or a Hugging Face Hub model id."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():

@@ -58,9 +58,7 @@ class EmbeddingGemmaConfig:
         if bad:
             raise CheckpointError(f"unknown layer types {bad}; expected only {list(LAYER_TYPES)}")
         if self.num_heads % self.num_kv_heads:
-            raise CheckpointError(
-                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
-            )
+            raise CheckpointError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise CheckpointError(
                 f"hidden_activation={self.hidden_activation!r} is not supported; expected 'gelu_pytorch_tanh'"

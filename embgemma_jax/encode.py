@@ -14,7 +14,7 @@ import numpy as np
 from embgemma_jax import sharding
 from embgemma_jax.checkpoint import Checkpoint, load_checkpoint, save_converted
 from embgemma_jax.config import MATRYOSHKA_DIMS, EmbeddingGemmaConfig
-from embgemma_jax.model import EmbeddingGemmaModule, EncoderOutput, resolve_dtype
+from embgemma_jax.model import EmbeddingGemmaModule, EncoderOutput, check_attention_impl, resolve_dtype
 from embgemma_jax.prompts import resolve_prompt, title_prompts
 from embgemma_jax.tokenizer import Tokenizer, check_texts
 
@@ -48,8 +48,9 @@ class EmbeddingGemma:
     Build it with :meth:`from_pretrained`. ``encode`` returns NumPy arrays.
     """
 
-    def __init__(self, checkpoint: Checkpoint, *, dtype: Any = "float32") -> None:
+    def __init__(self, checkpoint: Checkpoint, *, dtype: Any = "float32", attention_impl: str = "auto") -> None:
         self.dtype = resolve_dtype(dtype)
+        self.attention_impl = check_attention_impl(attention_impl)
         self.config: EmbeddingGemmaConfig = checkpoint.config
         self.params = checkpoint.params
         self.prompts: dict[str, str] = dict(checkpoint.prompts)
@@ -68,7 +69,7 @@ class EmbeddingGemma:
                 f"pooling_mode {self.config.pooling_mode!r} in the checkpoint is not supported by encode(); "
                 "EmbeddingGemma uses 'mean'"
             )
-        self.module = EmbeddingGemmaModule(self.config, self.dtype)
+        self.module = EmbeddingGemmaModule(self.config, self.dtype, self.attention_impl)
         self._apply = jax.jit(self._forward, static_argnames=("return_hidden_states",))
         self._shapes_lock = threading.Lock()
         self.compiled_shapes: set[tuple[int, int]] = set()
@@ -85,6 +86,7 @@ class EmbeddingGemma:
         name_or_path: str | Path,
         *,
         dtype: Any = "float32",
+        attention_impl: str = "auto",
         revision: str | None = None,
         cache_dir: str | Path | None = None,
         token: str | bool | None = None,
@@ -96,6 +98,7 @@ class EmbeddingGemma:
 
         Args:
           dtype: "float32" (exact parity, default) or "bfloat16". float16 is refused (it overflows).
+          attention_impl: "auto" (default), "dense" or "banded" for sliding-window layers.
           mesh: encode data-parallel over this mesh (see :meth:`shard`); each tensor is loaded straight
             onto its devices. None: one device.
           fsdp: with a mesh, split every parameter over the devices instead of replicating it.
@@ -118,7 +121,7 @@ class EmbeddingGemma:
             cache_dir=cache_dir,
             token=token,
         )
-        model = cls(ckpt, dtype=compute)
+        model = cls(ckpt, dtype=compute, attention_impl=attention_impl)
         if mesh is not None:
             model.mesh, model.fsdp = mesh, fsdp
         return model
@@ -260,7 +263,11 @@ class EmbeddingGemma:
         full = self.config.embedding_dim
         if truncate_dim is None:
             return full
-        if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer)) or not 1 <= truncate_dim <= full:
+        if (
+            isinstance(truncate_dim, bool)
+            or not isinstance(truncate_dim, (int, np.integer))
+            or not 1 <= truncate_dim <= full
+        ):
             trained = [d for d in MATRYOSHKA_DIMS if d <= full] if full == 768 else [full]
             raise ValueError(
                 f"truncate_dim must be an int in [1, {full}] (trained Matryoshka dims: {trained}), got {truncate_dim!r}"
@@ -329,4 +336,6 @@ class EmbeddingGemma:
         return self.config.embedding_dim
 
     def __repr__(self) -> str:
-        return f"EmbeddingGemma(source={str(self.source)!r}, dtype={self.dtype.name}, params={self.config.num_params():,})"
+        return (
+            f"EmbeddingGemma(source={str(self.source)!r}, dtype={self.dtype.name}, params={self.config.num_params():,})"
+        )

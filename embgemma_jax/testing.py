@@ -158,7 +158,12 @@ def build_tiny_checkpoint(
     """
     import torch
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
+
+    try:  # sentence-transformers >= 6
+        from sentence_transformers.base.modules import Dense, Normalize, Transformer
+        from sentence_transformers.sentence_transformer.modules import Pooling
+    except ImportError:  # sentence-transformers 5.x
+        from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
     from transformers import Gemma3TextModel, GemmaTokenizer
 
     out_dir = Path(out_dir)
@@ -167,9 +172,7 @@ def build_tiny_checkpoint(
     work.mkdir(exist_ok=True)
 
     train_tiny_sentencepiece(work / "tokenizer.model", vocab_size=vocab_size)
-    tokenizer = GemmaTokenizer.from_pretrained(
-        str(work), add_bos_token=True, add_eos_token=True, padding_side="right"
-    )
+    tokenizer = GemmaTokenizer.from_pretrained(str(work), add_bos_token=True, add_eos_token=True, padding_side="right")
     if extra_added_tokens:
         tokenizer.add_tokens(list(extra_added_tokens), special_tokens=True)
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import F32_ATOL
 
 from embgemma_jax import embed_corpus, read_embeddings
 from embgemma_jax.corpus import CorpusError
 from embgemma_jax.shards import MANIFEST, ShardError
+from tests.conftest import F32_ATOL
 
 SHARD_SIZE, BATCH_SIZE = 16, 8
 WORDS = "mars planet red known reddish orbit sun moon the a of is".split()
@@ -54,9 +54,22 @@ def reference(jax_model, corpus_txt, tmp_path_factory) -> Path:
 
 def _cli(ckpt: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "embgemma_jax.cli", "embed-corpus", "--model", str(ckpt), "--input", str(corpus),
-        "--output", str(out), "--shard-size", str(SHARD_SIZE), "--batch-size", str(BATCH_SIZE), *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "embgemma_jax.cli",
+        "embed-corpus",
+        "--model",
+        str(ckpt),
+        "--input",
+        str(corpus),
+        "--output",
+        str(out),
+        "--shard-size",
+        str(SHARD_SIZE),
+        "--batch-size",
+        str(BATCH_SIZE),
+        *extra,
+    ]
 
 
 def _env(devices: int) -> dict[str, str]:
@@ -141,10 +154,23 @@ def test_two_processes_equal_single_process(tiny_ckpt, corpus_txt, reference, tm
         port = s.getsockname()[1]
     procs = [
         subprocess.Popen(
-            _cli(tiny_ckpt, corpus_txt, out, "--no-progress", "--coordinator-address", f"127.0.0.1:{port}",
-                 "--num-processes", "2", "--process-id", str(i)),
-            env=_env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            _cli(
+                tiny_ckpt,
+                corpus_txt,
+                out,
+                "--no-progress",
+                "--coordinator-address",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ),
+            env=_env(2),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     try:
@@ -210,8 +236,14 @@ def test_malformed_input_skipped_is_logged_and_counted(jax_model, bad_jsonl, tmp
     assert [e["line"] for e in logged] == [2, 4, 7, 8, 9, 10]
     assert all(e["file"] == str(path.resolve()) and e["location"] == f"{path}:{e['line']}" for e in logged)
     reasons = [e["error"] for e in logged]
-    for line_reason in ("invalid JSON", "text field 'text' is missing", "is list", "cannot embed this text",
-                        "id field 'id' is missing", "invalid UTF-8"):  # fmt: skip
+    for line_reason in (
+        "invalid JSON",
+        "text field 'text' is missing",
+        "is list",
+        "cannot embed this text",
+        "id field 'id' is missing",
+        "invalid UTF-8",
+    ):
         assert sum(line_reason in r for r in reasons) == 1, (line_reason, reasons)
 
 
@@ -249,8 +281,9 @@ def test_parquet_input(jax_model, tmp_path):
     texts = _corpus_lines()[:20]
     path = tmp_path / "docs.parquet"
     pq.write_table(pa.table({"doc": [f"d{i}" for i in range(20)], "body": texts}), path, row_group_size=6)
-    embed_corpus(jax_model, path, tmp_path / "out", text_field="body", id_field="doc", shard_size=7,
-                 prompt_name="query")  # fmt: skip
+    embed_corpus(
+        jax_model, path, tmp_path / "out", text_field="body", id_field="doc", shard_size=7, prompt_name="query"
+    )
     ids, emb = read_embeddings(tmp_path / "out")
     assert ids == [f"d{i}" for i in range(20)]
     np.testing.assert_allclose(emb, jax_model.encode(texts, prompt_name="query"), atol=F32_ATOL, rtol=0)

@@ -3,7 +3,6 @@
 import jax
 import numpy as np
 import pytest
-from conftest import F32_ATOL
 from jax.sharding import Mesh, PartitionSpec
 
 from embgemma_jax import EmbeddingGemma
@@ -15,6 +14,7 @@ from embgemma_jax.sharding import (
     param_sharding,
     shard_batch,
 )
+from tests.conftest import F32_ATOL
 
 # Lengths straddle the tiny model's window radius (8) and its max_seq_length (96, so the last is truncated);
 # 11 texts with batch_size 4 give batches of 4, 4 and 3 rows, none a multiple of 8 devices.
