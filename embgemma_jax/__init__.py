@@ -2,8 +2,10 @@
 
 from embgemma_jax.checkpoint import Checkpoint, convert, load_checkpoint
 from embgemma_jax.config import EMBEDDINGGEMMA_300M, MATRYOSHKA_DIMS, CheckpointError, EmbeddingGemmaConfig
+from embgemma_jax.corpus_job import embed_corpus
 from embgemma_jax.encode import EmbeddingGemma
 from embgemma_jax.model import EmbeddingGemmaModule, Encoder, EncoderOutput
+from embgemma_jax.shards import read_embeddings
 from embgemma_jax.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -20,5 +22,7 @@ __all__ = [
     "EncoderOutput",
     "Tokenizer",
     "convert",
+    "embed_corpus",
     "load_checkpoint",
+    "read_embeddings",
 ]

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from embgemma_jax.corpus_job import add_embed_corpus_parser
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hub id (google/embeddinggemma-300m) or local directory")
@@ -93,6 +95,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "embed": _add_embed,
     "convert": _add_convert,
+    "embed-corpus": add_embed_corpus_parser,
 }
 
 
