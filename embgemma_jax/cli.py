@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hub id (google/embeddinggemma-300m) or local directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument(
+        "--compilation-cache",
+        default=os.environ.get("EMBGEMMA_COMPILATION_CACHE"),
+        help="persistent JAX compilation cache directory (default: $EMBGEMMA_COMPILATION_CACHE; off if unset)",
+    )
 
 
 def _read_lines(path: str) -> list[str]:
@@ -38,7 +44,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
         texts += _read_lines(args.input)
     if not texts:
         raise SystemExit("error: no texts: pass TEXT arguments or --input FILE")
-    model = EmbeddingGemma.from_pretrained(args.model, dtype=args.dtype, revision=args.revision)
+    model = EmbeddingGemma.from_pretrained(
+        args.model, dtype=args.dtype, revision=args.revision, compilation_cache_dir=args.compilation_cache
+    )
     emb = model.encode(
         texts,
         prompt_name=args.prompt_name,

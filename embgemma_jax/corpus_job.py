@@ -334,7 +334,12 @@ def cmd_embed_corpus(args: argparse.Namespace) -> int:
     from embgemma_jax.encode import EmbeddingGemma
 
     model = EmbeddingGemma.from_pretrained(
-        args.model, dtype=args.dtype, revision=args.revision, mesh=make_mesh(), fsdp=args.fsdp
+        args.model,
+        dtype=args.dtype,
+        revision=args.revision,
+        mesh=make_mesh(),
+        fsdp=args.fsdp,
+        compilation_cache_dir=args.compilation_cache,
     )
     manifest = embed_corpus(
         model,

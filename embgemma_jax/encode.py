@@ -24,6 +24,20 @@ from embgemma_jax.tokenizer import Tokenizer, check_texts
 BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
+def enable_compilation_cache(directory: str | Path) -> Path:
+    """Turns on JAX's persistent compilation cache in ``directory`` for this process.
+
+    Compiled programs are written there, so a later process (same model shapes, same JAX version and
+    backend) loads them instead of recompiling. Applies to every jitted function compiled afterwards.
+    """
+    directory = Path(directory).expanduser().resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory
+
+
 def bucket_lengths(max_len: int) -> tuple[int, ...]:
     return tuple(sorted({b for b in BUCKETS if b < max_len} | {max_len}))
 
@@ -94,6 +108,7 @@ class EmbeddingGemma:
         token: str | bool | None = None,
         mesh: jax.sharding.Mesh | None = None,
         fsdp: bool = False,
+        compilation_cache_dir: str | Path | None = None,
     ) -> EmbeddingGemma:
         """Loads a Hub id (e.g. ``google/embeddinggemma-300m``), a sentence-transformers directory, or a
         directory written by ``embgemma-jax convert``.
@@ -106,7 +121,11 @@ class EmbeddingGemma:
           mesh: encode data-parallel over this mesh (see :meth:`shard`); each tensor is loaded straight
             onto its devices. None: one device.
           fsdp: with a mesh, split every parameter over the devices instead of replicating it.
+          compilation_cache_dir: enable JAX's persistent compilation cache there (see
+            :func:`enable_compilation_cache`), so the next process start does not recompile.
         """
+        if compilation_cache_dir is not None:
+            enable_compilation_cache(compilation_cache_dir)
         compute = resolve_dtype(dtype)
         check_quantize(quantize)
         store = np.float32 if compute == jnp.float32 else jnp.bfloat16
