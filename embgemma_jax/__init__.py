@@ -2,6 +2,7 @@
 
 from embgemma_jax.checkpoint import Checkpoint, convert, load_checkpoint
 from embgemma_jax.config import EMBEDDINGGEMMA_300M, MATRYOSHKA_DIMS, CheckpointError, EmbeddingGemmaConfig
+from embgemma_jax.corpus_job import embed_corpus
 from embgemma_jax.encode import EmbeddingGemma
 from embgemma_jax.evaluation import MTEBEncoder, evaluate_retrieval, evaluate_retrieval_files
 from embgemma_jax.model import EmbeddingGemmaModule, Encoder, EncoderOutput
@@ -9,6 +10,7 @@ from embgemma_jax.oracle import OracleOutput, oracle_forward
 from embgemma_jax.parity import parity_report
 from embgemma_jax.pooling import POOLING_MODES, PoolingSpec
 from embgemma_jax.research import Capture, Intermediates
+from embgemma_jax.shards import read_embeddings
 from embgemma_jax.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -31,9 +33,11 @@ __all__ = [
     "PoolingSpec",
     "Tokenizer",
     "convert",
+    "embed_corpus",
     "evaluate_retrieval",
     "evaluate_retrieval_files",
     "load_checkpoint",
     "oracle_forward",
     "parity_report",
+    "read_embeddings",
 ]

@@ -96,14 +96,30 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos.reshape(shape) + rotated * sin.reshape(shape)
 
 
-def dot(eq: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
+def dot(eq: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype, scale: jax.Array | None = None) -> jax.Array:
     """einsum with float32 accumulation, result in ``dtype``.
 
     float32: Precision.HIGHEST (no TF32 / bf16 passes on GPU/TPU). bfloat16: bf16 inputs with float32
     accumulation, rounded to bf16 like torch's bf16 matmul (and 2x faster than bf16 accumulation on CPU).
+    ``scale`` (int8 weights) multiplies the float32 result per output channel before the cast.
     """
     out = jnp.einsum(eq, a, b, precision=matmul_precision(dtype), preferred_element_type=jnp.float32)
+    if scale is not None:
+        out = out * scale
     return out.astype(dtype)
+
+
+def weight(
+    module: nn.Module, name: str, shape: tuple[int, ...], dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array | None]:
+    """A matrix parameter in the compute dtype, plus its per-output-channel scale when it is stored as int8.
+
+    int8 weights (see ``quant.py``) come with a float32 ``{name}_scale`` parameter of the output dims'
+    shape; int8 -> float is exact, and the scale is applied to the float32 matmul result.
+    """
+    w = module.param(name, nn.initializers.lecun_normal(), shape, jnp.float32)
+    scale = module.get_variable("params", name + "_scale") if module.has_variable("params", name + "_scale") else None
+    return w.astype(dtype), scale
 
 
 AttentionMask = jax.Array | BandedMask
@@ -122,15 +138,14 @@ class Attention(nn.Module):
         cfg, dt = self.config, self.dtype
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         g = n // k
-        init = nn.initializers.lecun_normal()
-        w_q = self.param("q", init, (d, n, h), jnp.float32).astype(dt)
-        w_k = self.param("k", init, (d, k, h), jnp.float32).astype(dt)
-        w_v = self.param("v", init, (d, k, h), jnp.float32).astype(dt)
-        w_o = self.param("o", init, (n, h, d), jnp.float32).astype(dt)
+        w_q, s_q = weight(self, "q", (d, n, h), dt)
+        w_k, s_k = weight(self, "k", (d, k, h), dt)
+        w_v, s_v = weight(self, "v", (d, k, h), dt)
+        w_o, s_o = weight(self, "o", (n, h, d), dt)
 
-        q = dot("BTD,DNH->BTNH", x, w_q, dt)
-        key = dot("BSD,DKH->BSKH", x, w_k, dt)
-        v = dot("BSD,DKH->BSKH", x, w_v, dt)
+        q = dot("BTD,DNH->BTNH", x, w_q, dt, s_q)
+        key = dot("BSD,DKH->BSKH", x, w_k, dt, s_k)
+        v = dot("BSD,DKH->BSKH", x, w_v, dt, s_v)
         q = RMSNorm(cfg.rms_norm_eps, name="q_norm")(q)
         key = RMSNorm(cfg.rms_norm_eps, name="k_norm")(key)
         q = apply_rope(q, cos, sin)
@@ -147,7 +162,7 @@ class Attention(nn.Module):
             probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dt)
             self.sow("intermediates", "attention_probs", probs.reshape(b, n, t, -1))
             out = dot("BKGTS,BSKH->BTKGH", probs, v, dt)
-        return dot("BTNH,NHD->BTD", out.reshape(b, t, n, h), w_o, dt)
+        return dot("BTNH,NHD->BTD", out.reshape(b, t, n, h), w_o, dt, s_o)
 
     def _banded(self, q: jax.Array, key: jax.Array, v: jax.Array, mask: BandedMask, scale: jax.Array) -> jax.Array:
         """Sliding-window attention on query blocks: cost T * (C + 2r) instead of T^2 (see masks.BandedMask).
@@ -175,13 +190,13 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, dt = self.config, self.dtype
-        init = nn.initializers.lecun_normal()
-        w_gate = self.param("gate", init, (cfg.hidden_size, cfg.intermediate_size), jnp.float32).astype(dt)
-        w_up = self.param("up", init, (cfg.hidden_size, cfg.intermediate_size), jnp.float32).astype(dt)
-        w_down = self.param("down", init, (cfg.intermediate_size, cfg.hidden_size), jnp.float32).astype(dt)
-        gate = jax.nn.gelu(dot("BTD,DF->BTF", x, w_gate, dt), approximate=True)
-        up = dot("BTD,DF->BTF", x, w_up, dt)
-        return dot("BTF,FD->BTD", gate * up, w_down, dt)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        w_gate, s_gate = weight(self, "gate", (d, f), dt)
+        w_up, s_up = weight(self, "up", (d, f), dt)
+        w_down, s_down = weight(self, "down", (f, d), dt)
+        gate = jax.nn.gelu(dot("BTD,DF->BTF", x, w_gate, dt, s_gate), approximate=True)
+        up = dot("BTD,DF->BTF", x, w_up, dt, s_up)
+        return dot("BTF,FD->BTD", gate * up, w_down, dt, s_down)
 
 
 class Block(nn.Module):
@@ -216,7 +231,14 @@ class Encoder(nn.Module):
         cfg, dt = self.config, self.dtype
         table = self.param("embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
         # mode="fill": an id outside [0, V) gathers NaN instead of silently clamping (see module doc).
-        x = jnp.take(table.astype(dt), input_ids, axis=0, mode="fill", fill_value=jnp.nan)
+        if self.has_variable("params", "embedding_scale"):  # int8 rows with a float32 scale per row
+            rows = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
+            row_scale = jnp.take(
+                self.get_variable("params", "embedding_scale"), input_ids, mode="fill", fill_value=jnp.nan
+            )
+            x = (rows * row_scale[..., None]).astype(dt)
+        else:
+            x = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=jnp.nan).astype(dt)
         x = x * jnp.asarray(cfg.embed_scale, jnp.float32).astype(dt)
         self.sow("intermediates", "embeddings", x)
 
@@ -269,8 +291,8 @@ class DenseHead(nn.Module):
     def __call__(self, pooled: jax.Array) -> jax.Array:
         y = pooled
         for i, width in enumerate(self.features):
-            w = self.param(f"dense_{i}", nn.initializers.lecun_normal(), (y.shape[-1], width), jnp.float32)
-            y = dot("BD,DE->BE", y, w.astype(self.dtype), self.dtype)
+            w, scale = weight(self, f"dense_{i}", (y.shape[-1], width), self.dtype)
+            y = dot("BD,DE->BE", y, w, self.dtype, scale)
             self.sow("intermediates", "dense_outputs", y)
         return y
 
