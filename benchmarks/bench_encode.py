@@ -102,6 +102,15 @@ def model_flops_per_text(n_tokens: int, cfg) -> float:
 # Workers (one subprocess per system and case)
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set size. VmHWM starts afresh at exec; ru_maxrss would carry over the
+    RSS of the (large) parent that forked this worker."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(args: argparse.Namespace) -> None:
     texts = json.loads(Path(args.texts_file).read_text())
     system = args.worker
@@ -112,7 +121,7 @@ def worker(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(os.cpu_count() or 1)
         kwargs = {"model_kwargs": {"dtype": torch.bfloat16}} if system == "st-bf16" else {}
-        model = SentenceTransformer(args.model, device="cpu", **kwargs)
+        model = SentenceTransformer(str(args.model), device="cpu", **kwargs)
 
         def run():
             return model.encode(texts, batch_size=args.st_batch_size, convert_to_numpy=True).astype(np.float32)
@@ -148,7 +157,7 @@ def worker(args: argparse.Namespace) -> None:
         "best_s": min(timed),
         "compile_s": max(0.0, cold_s - min(timed)),
         "compiled_shapes": None if shapes is None else len(shapes),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
     }
     Path(args.result_out).write_text(json.dumps(result))
 
