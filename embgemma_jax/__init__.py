@@ -2,8 +2,15 @@
 
 from embgemma_jax.checkpoint import Checkpoint, convert, load_checkpoint
 from embgemma_jax.config import EMBEDDINGGEMMA_300M, MATRYOSHKA_DIMS, CheckpointError, EmbeddingGemmaConfig
+from embgemma_jax.corpus_job import embed_corpus
 from embgemma_jax.encode import EmbeddingGemma
+from embgemma_jax.evaluation import MTEBEncoder, evaluate_retrieval, evaluate_retrieval_files
 from embgemma_jax.model import EmbeddingGemmaModule, Encoder, EncoderOutput
+from embgemma_jax.oracle import OracleOutput, oracle_forward
+from embgemma_jax.parity import parity_report
+from embgemma_jax.pooling import POOLING_MODES, PoolingSpec
+from embgemma_jax.research import Capture, Intermediates
+from embgemma_jax.shards import read_embeddings
 from embgemma_jax.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -11,6 +18,8 @@ __version__ = "0.1.0"
 __all__ = [
     "EMBEDDINGGEMMA_300M",
     "MATRYOSHKA_DIMS",
+    "POOLING_MODES",
+    "Capture",
     "Checkpoint",
     "CheckpointError",
     "EmbeddingGemma",
@@ -18,7 +27,17 @@ __all__ = [
     "EmbeddingGemmaModule",
     "Encoder",
     "EncoderOutput",
+    "Intermediates",
+    "MTEBEncoder",
+    "OracleOutput",
+    "PoolingSpec",
     "Tokenizer",
     "convert",
+    "embed_corpus",
+    "evaluate_retrieval",
+    "evaluate_retrieval_files",
     "load_checkpoint",
+    "oracle_forward",
+    "parity_report",
+    "read_embeddings",
 ]

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from embgemma_jax.corpus_job import add_embed_corpus_parser
+from embgemma_jax.parity import add_parser as add_parity_parser
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hub id (google/embeddinggemma-300m) or local directory")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument(
+        "--compilation-cache",
+        default=os.environ.get("EMBGEMMA_COMPILATION_CACHE"),
+        help="persistent JAX compilation cache directory (default: $EMBGEMMA_COMPILATION_CACHE; off if unset)",
+    )
 
 
 def _read_lines(path: str) -> list[str]:
@@ -36,7 +45,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
         texts += _read_lines(args.input)
     if not texts:
         raise SystemExit("error: no texts: pass TEXT arguments or --input FILE")
-    model = EmbeddingGemma.from_pretrained(args.model, dtype=args.dtype, revision=args.revision)
+    model = EmbeddingGemma.from_pretrained(
+        args.model, dtype=args.dtype, revision=args.revision, compilation_cache_dir=args.compilation_cache
+    )
     emb = model.encode(
         texts,
         prompt_name=args.prompt_name,
@@ -93,6 +104,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "embed": _add_embed,
     "convert": _add_convert,
+    "embed-corpus": add_embed_corpus_parser,
+    "parity": add_parity_parser,
 }
 
 

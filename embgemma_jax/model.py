@@ -26,9 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from embgemma_jax.config import SLIDING, EmbeddingGemmaConfig
-from embgemma_jax.masks import attention_mask
+from embgemma_jax.masks import BandedMask, attention_mask, banded_mask, use_banded
 
 SUPPORTED_DTYPES = ("float32", "bfloat16")
+# Sliding-layer attention: "dense" masks a full [T, T] score matrix, "banded" computes query blocks against
+# their key window only (cost T * 3r), "auto" picks banded once it does less work (masks.use_banded).
+ATTENTION_IMPLS = ("auto", "dense", "banded")
+
+
+def check_attention_impl(impl: str) -> str:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention_impl {impl!r}; expected one of {list(ATTENTION_IMPLS)}")
+    return impl
 
 
 def resolve_dtype(dtype: Any) -> jnp.dtype:
@@ -87,27 +96,56 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos.reshape(shape) + rotated * sin.reshape(shape)
 
 
+def dot(eq: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype, scale: jax.Array | None = None) -> jax.Array:
+    """einsum with float32 accumulation, result in ``dtype``.
+
+    float32: Precision.HIGHEST (no TF32 / bf16 passes on GPU/TPU). bfloat16: bf16 inputs with float32
+    accumulation, rounded to bf16 like torch's bf16 matmul (and 2x faster than bf16 accumulation on CPU).
+    ``scale`` (int8 weights) multiplies the float32 result per output channel before the cast.
+    """
+    out = jnp.einsum(eq, a, b, precision=matmul_precision(dtype), preferred_element_type=jnp.float32)
+    if scale is not None:
+        out = out * scale
+    return out.astype(dtype)
+
+
+def weight(
+    module: nn.Module, name: str, shape: tuple[int, ...], dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array | None]:
+    """A matrix parameter in the compute dtype, plus its per-output-channel scale when it is stored as int8.
+
+    int8 weights (see ``quant.py``) come with a float32 ``{name}_scale`` parameter of the output dims'
+    shape; int8 -> float is exact, and the scale is applied to the float32 matmul result.
+    """
+    w = module.param(name, nn.initializers.lecun_normal(), shape, jnp.float32)
+    scale = module.get_variable("params", name + "_scale") if module.has_variable("params", name + "_scale") else None
+    return w.astype(dtype), scale
+
+
+AttentionMask = jax.Array | BandedMask
+
+
 class Attention(nn.Module):
+    """Grouped-query attention: N query heads share K kv heads (computed once per kv head, never copied)."""
+
     config: EmbeddingGemmaConfig
     layer_type: str
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """x [B, T, D], mask [B, T, S] bool (True = visible)."""
+    def __call__(self, x: jax.Array, mask: AttentionMask, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """x [B, T, D]; mask [B, T, S] bool (True = visible) or a BandedMask (sliding layers, long T)."""
         cfg, dt = self.config, self.dtype
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         g = n // k
-        prec = matmul_precision(dt)
-        init = nn.initializers.lecun_normal()
-        w_q = self.param("q", init, (d, n, h), jnp.float32).astype(dt)
-        w_k = self.param("k", init, (d, k, h), jnp.float32).astype(dt)
-        w_v = self.param("v", init, (d, k, h), jnp.float32).astype(dt)
-        w_o = self.param("o", init, (n, h, d), jnp.float32).astype(dt)
+        w_q, s_q = weight(self, "q", (d, n, h), dt)
+        w_k, s_k = weight(self, "k", (d, k, h), dt)
+        w_v, s_v = weight(self, "v", (d, k, h), dt)
+        w_o, s_o = weight(self, "o", (n, h, d), dt)
 
-        q = jnp.einsum("BTD,DNH->BTNH", x, w_q, precision=prec)
-        key = jnp.einsum("BSD,DKH->BSKH", x, w_k, precision=prec)
-        v = jnp.einsum("BSD,DKH->BSKH", x, w_v, precision=prec)
+        q = dot("BTD,DNH->BTNH", x, w_q, dt, s_q)
+        key = dot("BSD,DKH->BSKH", x, w_k, dt, s_k)
+        v = dot("BSD,DKH->BSKH", x, w_v, dt, s_v)
         q = RMSNorm(cfg.rms_norm_eps, name="q_norm")(q)
         key = RMSNorm(cfg.rms_norm_eps, name="k_norm")(key)
         q = apply_rope(q, cos, sin)
@@ -115,14 +153,34 @@ class Attention(nn.Module):
 
         b, t = q.shape[:2]
         q = q.reshape(b, t, k, g, h)
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, precision=prec) * jnp.asarray(
-            cfg.query_pre_attn_scalar**-0.5, dt
-        )
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(dt).min)
+        scale = jnp.asarray(cfg.query_pre_attn_scalar**-0.5, dt)
+        if isinstance(mask, BandedMask):
+            out = self._banded(q, key, v, mask, scale)
+        else:
+            scores = dot("BTKGH,BSKH->BKGTS", q, key, dt) * scale
+            scores = jnp.where(mask[:, None, None], scores, jnp.finfo(dt).min)
+            probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dt)
+            self.sow("intermediates", "attention_probs", probs.reshape(b, n, t, -1))
+            out = dot("BKGTS,BSKH->BTKGH", probs, v, dt)
+        return dot("BTNH,NHD->BTD", out.reshape(b, t, n, h), w_o, dt, s_o)
+
+    def _banded(self, q: jax.Array, key: jax.Array, v: jax.Array, mask: BandedMask, scale: jax.Array) -> jax.Array:
+        """Sliding-window attention on query blocks: cost T * (C + 2r) instead of T^2 (see masks.BandedMask).
+
+        Returns [B, T, K, G, H]. Per query, the visible keys, scores and softmax are those of the dense form.
+        """
+        dt = self.dtype
+        b, t, k, g, h = q.shape
+        c, r, nb = mask.block, mask.radius, mask.key_index.shape[0]
+        pad = ((0, 0), (r, mask.pad_right + r), (0, 0), (0, 0))
+        k_win = jnp.pad(key, pad)[:, mask.key_index]  # [B, nb, W, K, H]
+        v_win = jnp.pad(v, pad)[:, mask.key_index]
+        q_blk = jnp.pad(q, ((0, 0), (0, mask.pad_right), (0, 0), (0, 0), (0, 0))).reshape(b, nb, c, k, g, h)
+        scores = dot("BnCKGH,BnWKH->BnKGCW", q_blk, k_win, dt) * scale
+        scores = jnp.where(mask.visible[:, :, None, None], scores, jnp.finfo(dt).min)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dt)
-        self.sow("intermediates", "attention_probs", probs.reshape(b, n, t, -1))
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, precision=prec).reshape(b, t, n, h)
-        return jnp.einsum("BTNH,NHD->BTD", out, w_o, precision=prec)
+        out = dot("BnKGCW,BnWKH->BnCKGH", probs, v_win, dt)
+        return out.reshape(b, nb * c, k, g, h)[:, :t]
 
 
 class MLP(nn.Module):
@@ -132,14 +190,13 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, dt = self.config, self.dtype
-        prec = matmul_precision(dt)
-        init = nn.initializers.lecun_normal()
-        w_gate = self.param("gate", init, (cfg.hidden_size, cfg.intermediate_size), jnp.float32).astype(dt)
-        w_up = self.param("up", init, (cfg.hidden_size, cfg.intermediate_size), jnp.float32).astype(dt)
-        w_down = self.param("down", init, (cfg.intermediate_size, cfg.hidden_size), jnp.float32).astype(dt)
-        gate = jax.nn.gelu(jnp.einsum("BTD,DF->BTF", x, w_gate, precision=prec), approximate=True)
-        up = jnp.einsum("BTD,DF->BTF", x, w_up, precision=prec)
-        return jnp.einsum("BTF,FD->BTD", gate * up, w_down, precision=prec)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        w_gate, s_gate = weight(self, "gate", (d, f), dt)
+        w_up, s_up = weight(self, "up", (d, f), dt)
+        w_down, s_down = weight(self, "down", (f, d), dt)
+        gate = jax.nn.gelu(dot("BTD,DF->BTF", x, w_gate, dt, s_gate), approximate=True)
+        up = dot("BTD,DF->BTF", x, w_up, dt, s_up)
+        return dot("BTF,FD->BTD", gate * up, w_down, dt, s_down)
 
 
 class Block(nn.Module):
@@ -165,6 +222,7 @@ class Encoder(nn.Module):
 
     config: EmbeddingGemmaConfig
     dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(
@@ -173,16 +231,25 @@ class Encoder(nn.Module):
         cfg, dt = self.config, self.dtype
         table = self.param("embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
         # mode="fill": an id outside [0, V) gathers NaN instead of silently clamping (see module doc).
-        x = jnp.take(table.astype(dt), input_ids, axis=0, mode="fill", fill_value=jnp.nan)
+        if self.has_variable("params", "embedding_scale"):  # int8 rows with a float32 scale per row
+            rows = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
+            row_scale = jnp.take(
+                self.get_variable("params", "embedding_scale"), input_ids, mode="fill", fill_value=jnp.nan
+            )
+            x = (rows * row_scale[..., None]).astype(dt)
+        else:
+            x = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=jnp.nan).astype(dt)
         x = x * jnp.asarray(cfg.embed_scale, jnp.float32).astype(dt)
         self.sow("intermediates", "embeddings", x)
 
         t = input_ids.shape[1]
         positions = jnp.arange(t)
         valid = attention_mask_2d.astype(bool)
-        masks = {
+        radius = cfg.window_radius
+        banded = self.attention_impl == "banded" or (self.attention_impl == "auto" and use_banded(t, radius))
+        masks: dict[str, AttentionMask] = {
             "full": attention_mask(valid, None),
-            "sliding": attention_mask(valid, cfg.window_radius),
+            "sliding": banded_mask(valid, radius) if banded else attention_mask(valid, radius),
         }
         ropes = {
             "full": rope_tables(positions, cfg.head_dim, cfg.rope_global_base, dt),
@@ -222,11 +289,10 @@ class DenseHead(nn.Module):
 
     @nn.compact
     def __call__(self, pooled: jax.Array) -> jax.Array:
-        prec = matmul_precision(self.dtype)
         y = pooled
         for i, width in enumerate(self.features):
-            w = self.param(f"dense_{i}", nn.initializers.lecun_normal(), (y.shape[-1], width), jnp.float32)
-            y = jnp.einsum("BD,DE->BE", y, w.astype(self.dtype), precision=prec)
+            w, scale = weight(self, f"dense_{i}", (y.shape[-1], width), self.dtype)
+            y = dot("BD,DE->BE", y, w, self.dtype, scale)
             self.sow("intermediates", "dense_outputs", y)
         return y
 
@@ -240,9 +306,11 @@ class EmbeddingGemmaModule(nn.Module):
 
     config: EmbeddingGemmaConfig
     dtype: jnp.dtype = jnp.float32
+    attention_impl: str = "auto"
 
     def setup(self) -> None:
-        self.encoder = Encoder(self.config, self.dtype)
+        check_attention_impl(self.attention_impl)
+        self.encoder = Encoder(self.config, self.dtype, self.attention_impl)
         self.head = DenseHead(self.config.dense_features, self.dtype)
 
     def __call__(

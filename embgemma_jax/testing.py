@@ -36,23 +36,41 @@ REAL_PROMPTS: dict[str, str] = {
 TINY_USER_SYMBOLS = ["<mask>", "[multimodal]", "<unused0>", "<unused1>", "<start_of_turn>", "<end_of_turn>"]
 
 
-def _training_corpus() -> list[str]:
-    """A few thousand lines of real English text that ships with every CPython: stdlib docstrings."""
+SMALL_CORPUS_FILES = ("textwrap.py", "argparse.py", "json/__init__.py", "functools.py", "pathlib.py", "string.py")
+
+
+def stdlib_docstrings(files: tuple[str, ...] | None = None) -> list[str]:
+    """Docstrings of the Python standard library (real English text that ships with every CPython), in a
+    fixed order. ``files`` limits them to those stdlib files; None takes every top-level module."""
     import ast
     import sysconfig
+    import warnings
 
-    lines: list[str] = []
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ["textwrap.py", "argparse.py", "json/__init__.py", "functools.py", "pathlib.py", "string.py"]:
-        path = stdlib / name
-        if not path.exists():
+    paths = [stdlib / f for f in files] if files is not None else sorted(stdlib.glob("*.py"))
+    docs: list[str] = []
+    for path in paths:
+        if not path.is_file():
             continue
-        tree = ast.parse(path.read_text(encoding="utf-8"))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
         for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Module)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)):
                 doc = ast.get_docstring(node)
-                if doc:
-                    lines.extend(line.strip() for line in doc.splitlines() if line.strip())
+                if doc and doc.strip():
+                    docs.append(doc.strip())
+    return docs
+
+
+def _training_corpus(full: bool = False) -> list[str]:
+    """Lines of stdlib docstrings plus the prompts and a few multilingual lines."""
+    lines: list[str] = []
+    for doc in stdlib_docstrings(None if full else SMALL_CORPUS_FILES):
+        lines.extend(line.strip() for line in doc.splitlines() if line.strip())
     lines += list(REAL_PROMPTS.values())
     lines += [
         "Which planet is known as the Red Planet?",
@@ -72,7 +90,7 @@ def train_tiny_sentencepiece(out_file: str | os.PathLike, vocab_size: int = 512)
     out_file = Path(out_file)
     prefix = out_file.with_suffix("")
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_training_corpus()),
+        sentence_iterator=iter(_training_corpus(full=vocab_size > 1000)),
         model_prefix=str(prefix),
         vocab_size=vocab_size,
         model_type="bpe",
@@ -144,6 +162,7 @@ def build_tiny_checkpoint(
     max_seq_length: int = 96,
     dense_dim: int = 128,
     vocab_size: int = 512,
+    sp_vocab_size: int | None = None,
     weight_scale: float = 1.0,
     prompts: dict[str, str] | None = None,
     extra_added_tokens: tuple[str, ...] = ("<image_soft_token>",),
@@ -171,7 +190,7 @@ def build_tiny_checkpoint(
     work = out_dir / "_backbone"
     work.mkdir(exist_ok=True)
 
-    train_tiny_sentencepiece(work / "tokenizer.model", vocab_size=vocab_size)
+    train_tiny_sentencepiece(work / "tokenizer.model", vocab_size=sp_vocab_size or vocab_size)
     tokenizer = GemmaTokenizer.from_pretrained(str(work), add_bos_token=True, add_eos_token=True, padding_side="right")
     if extra_added_tokens:
         tokenizer.add_tokens(list(extra_added_tokens), special_tokens=True)
@@ -208,3 +227,27 @@ def build_tiny_checkpoint(
     shutil.copyfile(work / "tokenizer.model", out_dir / "tokenizer.model")
     shutil.rmtree(work)
     return out_dir
+
+
+def build_full_size_random_checkpoint(out_dir: str | os.PathLike, *, seed: int = 0, sp_vocab_size: int = 8000) -> Path:
+    """A random checkpoint with the exact google/embeddinggemma-300m architecture and sizes (307,581,696
+    parameters, vocabulary 262144, max_seq_length 2048) and a SentencePiece tokenizer of ``sp_vocab_size``
+    pieces trained on the stdlib docstrings. For benchmarks when the real weights are not at hand: speed
+    and memory are those of the real model; the embeddings mean nothing."""
+    return build_tiny_checkpoint(
+        out_dir,
+        seed=seed,
+        max_seq_length=2048,
+        dense_dim=3072,
+        vocab_size=262144,
+        sp_vocab_size=sp_vocab_size,
+        hidden_size=768,
+        intermediate_size=1152,
+        num_hidden_layers=24,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        max_position_embeddings=2048,
+        sliding_window=512,
+    )

@@ -104,43 +104,41 @@ def test_per_layer_hidden_states_match_transformers(jax_model, st_model):
     np.testing.assert_allclose(np.asarray(ours.last_hidden_state)[valid], ref_last[valid], rtol=0, atol=1e-4)
 
 
-def _variant_error(jax_model, st_model, monkeypatch, mask_fn):
-    """Max abs embedding error vs the reference when our masks are replaced by ``mask_fn``."""
+def _variant_error(jax_model, st_model, **changes):
+    """Max abs embedding error vs the reference for a model variant (config fields and/or attention_impl)."""
+    import dataclasses
+
     from embgemma_jax.encode import EmbeddingGemma
 
-    monkeypatch.setattr(model_lib, "attention_mask", mask_fn)
-    variant = EmbeddingGemma(jax_model._checkpoint)  # fresh jit cache, traced with the patched masks
-    ours = variant.encode(TEXTS)
-    ref = st_model.encode(TEXTS, convert_to_numpy=True)
-    return np.abs(ours - ref).max()
+    impl = changes.pop("attention_impl", "auto")
+    ckpt = dataclasses.replace(jax_model._checkpoint, config=dataclasses.replace(jax_model.config, **changes))
+    variant = EmbeddingGemma(ckpt, attention_impl=impl)  # fresh jit cache
+    return np.abs(variant.encode(TEXTS) - st_model.encode(TEXTS, convert_to_numpy=True)).max()
+
+
+@pytest.mark.parametrize("impl", ["dense", "banded"])
+def test_attention_impls_match_reference(jax_model, st_model, impl):
+    assert _variant_error(jax_model, st_model, attention_impl=impl) <= F32_ATOL
 
 
 def test_parity_check_fails_for_causal_attention(jax_model, st_model, monkeypatch):
     original = model_lib.attention_mask
 
     def causal(key_valid, radius):
-        m = original(key_valid, radius)
         s = key_valid.shape[1]
-        return m & np.tril(np.ones((s, s), bool))[None]
+        return original(key_valid, radius) & np.tril(np.ones((s, s), bool))[None]
 
-    assert _variant_error(jax_model, st_model, monkeypatch, causal) > 100 * F32_ATOL
+    monkeypatch.setattr(model_lib, "attention_mask", causal)
+    assert _variant_error(jax_model, st_model, attention_impl="dense") > 100 * F32_ATOL
 
 
-@pytest.mark.parametrize("wrong_radius", ["none", "window", "radius_plus_one", "radius_minus_one"])
-def test_parity_check_fails_for_wrong_window(jax_model, st_model, monkeypatch, wrong_radius):
-    original = model_lib.attention_mask
-    r = jax_model.config.window_radius
-    change = {
-        "none": lambda x: None,
-        "window": lambda x: 2 * r,
-        "radius_plus_one": lambda x: r + 1,
-        "radius_minus_one": lambda x: r - 1,
-    }[wrong_radius]
-
-    def wrong(key_valid, radius):
-        return original(key_valid, None if radius is None else change(radius))
-
-    assert _variant_error(jax_model, st_model, monkeypatch, wrong) > 100 * F32_ATOL
+# sliding_window in config.json is 16 (radius 8). Wrong variants: no window at all, the window used as
+# the radius, and the radius off by one either way (sliding_window 18 -> 9, 14 -> 7).
+@pytest.mark.parametrize("sliding_window", [10**6, 32, 18, 14])
+@pytest.mark.parametrize("impl", ["dense", "banded"])
+def test_parity_check_fails_for_wrong_window(jax_model, st_model, sliding_window, impl):
+    err = _variant_error(jax_model, st_model, sliding_window=sliding_window, attention_impl=impl)
+    assert err > 100 * F32_ATOL
 
 
 def test_bfloat16_is_finite_and_close(tiny_ckpt, st_model):

@@ -1,0 +1,403 @@
+#!/usr/bin/env python
+"""Throughput, compile time and memory of embgemma_jax against sentence-transformers, side by side.
+
+    python benchmarks/bench_encode.py                       # full-size random checkpoint (built once, cached)
+    python benchmarks/bench_encode.py --model /path/to/embeddinggemma-300m
+    python benchmarks/bench_encode.py --tiny --quick        # smoke run on a tiny random checkpoint
+
+The corpus is real English text that ships with the machine: the docstrings of the Python standard
+library, cut to three cases by token count (with the model's own tokenizer): short queries (~16 tokens),
+mixed documents (10-600 tokens) and long documents (~2048 tokens, truncated). Every system runs in its own
+subprocess (so its peak RSS is its own) on the same texts, in one run, alternating the order per case:
+
+  st-f32   sentence-transformers, torch float32 (the reference)
+  st-bf16  sentence-transformers with model_kwargs={"dtype": torch.bfloat16}
+  jax-f32  embgemma_jax float32 (parity mode)
+  jax-bf16 embgemma_jax bfloat16
+  jax-int8 embgemma_jax weight-only int8 (bfloat16 compute)
+
+Each worker loads the model, runs one cold pass (includes compilation; JAX's persistent cache is off so
+the number is honest), then ``--repeats`` timed passes; docs/s and tokens/s use the best timed pass.
+Cosines of bf16/int8 against jax-f32 are computed on the same texts. The machine's matmul peak (best of
+JAX and torch, per dtype) is measured too, and achieved model FLOP/s are reported as a fraction of it.
+Results: a markdown table on stdout and JSON in benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SYSTEMS = ("st-f32", "jax-f32", "st-bf16", "jax-bf16", "jax-int8")
+CASES = {
+    # name: (target tokens low, high, default count)
+    "queries": (16, 16, 512),
+    "mixed": (10, 600, 48),
+    "long": (2100, 2100, 6),
+}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Corpus
+
+
+def build_cases(model_dir: Path, counts: dict[str, int], seed: int = 0) -> dict[str, list[str]]:
+    """Texts cut from stdlib docstrings to target token lengths, measured with the model's tokenizer."""
+    from embgemma_jax.testing import stdlib_docstrings
+    from embgemma_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(model_dir, max_length=10**9)
+    words = " ".join(" ".join(d.split()) for d in stdlib_docstrings()).split(" ")
+    rng = np.random.default_rng(seed)
+    cases: dict[str, list[str]] = {}
+    cursor = 0
+    for name, (lo, hi, _) in CASES.items():
+        texts = []
+        for _ in range(counts[name]):
+            target = int(rng.integers(lo, hi + 1))
+            n = max(1, int(target * 0.6))
+            while True:
+                text = " ".join(words[cursor : cursor + n])
+                got = len(tok.encode_pieces([text])[0]) + 2
+                if got >= target or n > 20 * target:
+                    break
+                n = max(n + 1, int(n * target / max(got, 1)))
+            # shrink word by word to the target
+            while n > 1 and len(tok.encode_pieces([" ".join(words[cursor : cursor + n - 1])])[0]) + 2 >= target:
+                n -= 1
+            texts.append(" ".join(words[cursor : cursor + n]))
+            cursor = (cursor + n) % max(1, len(words) - 5000)
+        cases[name] = texts
+    return cases
+
+
+def model_flops_per_text(n_tokens: int, cfg) -> float:
+    """Matmul FLOPs of one text of n real tokens (2 per multiply-add), attention by its own length."""
+    d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    proj = 2 * n_tokens * (d * n * h + 2 * d * k * h + n * h * d + 3 * d * f)
+    total = 0.0
+    for lt in cfg.layer_types:
+        span = n_tokens if lt == "full_attention" else min(n_tokens, 2 * cfg.window_radius + 1)
+        total += proj + 4 * n_tokens * span * n * h
+    head, prev = 0, d
+    for w in cfg.dense_features:
+        head += 2 * prev * w
+        prev = w
+    return total + head
+
+
+# ------------------------------------------------------------------------------------------------------
+# Workers (one subprocess per system and case)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size. VmHWM starts afresh at exec; ru_maxrss would carry over the
+    RSS of the (large) parent that forked this worker."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(args: argparse.Namespace) -> None:
+    texts = json.loads(Path(args.texts_file).read_text())
+    system = args.worker
+    t0 = time.perf_counter()
+    if system.startswith("st-"):
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        kwargs = {"model_kwargs": {"dtype": torch.bfloat16}} if system == "st-bf16" else {}
+        model = SentenceTransformer(str(args.model), device="cpu", **kwargs)
+
+        def run():
+            return model.encode(texts, batch_size=args.st_batch_size, convert_to_numpy=True).astype(np.float32)
+
+        shapes = None
+    else:
+        from embgemma_jax import EmbeddingGemma
+
+        dtype = {"jax-f32": "float32", "jax-bf16": "bfloat16", "jax-int8": "bfloat16"}[system]
+        model = EmbeddingGemma.from_pretrained(
+            args.model, dtype=dtype, quantize="int8" if system == "jax-int8" else None
+        )
+
+        def run():
+            return model.encode(texts, batch_size=args.jax_batch_size, token_budget=args.token_budget)
+
+        shapes = model.compiled_shapes
+    load_s = time.perf_counter() - t0
+    t = time.perf_counter()
+    emb = run()
+    cold_s = time.perf_counter() - t
+    timed = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        emb = run()
+        timed.append(time.perf_counter() - t)
+    np.save(args.emb_out, emb)
+    result = {
+        "system": system,
+        "load_s": load_s,
+        "cold_pass_s": cold_s,
+        "timed_pass_s": timed,
+        "best_s": min(timed),
+        "compile_s": max(0.0, cold_s - min(timed)),
+        "compiled_shapes": None if shapes is None else len(shapes),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+    Path(args.result_out).write_text(json.dumps(result))
+
+
+def run_worker(system: str, case: str, texts_file: Path, args: argparse.Namespace, tmp: Path) -> dict:
+    emb_out, result_out = tmp / f"{system}-{case}.npy", tmp / f"{system}-{case}.json"
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        system,
+        "--model",
+        str(args.model),
+        "--texts-file",
+        str(texts_file),
+        "--emb-out",
+        str(emb_out),
+        "--result-out",
+        str(result_out),
+        "--repeats",
+        str(args.repeats),
+        "--st-batch-size",
+        str(args.st_batch_size),
+        "--jax-batch-size",
+        str(args.jax_batch_size),
+        "--token-budget",
+        str(args.token_budget),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {system}/{case} failed:\n{proc.stderr[-4000:]}")
+    res = json.loads(result_out.read_text())
+    res["embeddings"] = np.load(emb_out)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------------
+# Matmul peak
+
+
+def matmul_peak(size: int = 2048, reps: int = 10) -> dict[str, float]:
+    """Best GFLOP/s of a square matmul, per dtype, over JAX and torch on this machine."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    flops = 2 * size**3
+    out: dict[str, float] = {}
+    for name, jdt, tdt in (("float32", jnp.float32, torch.float32), ("bfloat16", jnp.bfloat16, torch.bfloat16)):
+        a = jnp.ones((size, size), jdt)
+        f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+        f(a, a).block_until_ready()
+        t = time.perf_counter()
+        for _ in range(reps):
+            r = f(a, a)
+        r.block_until_ready()
+        jax_gf = flops * reps / (time.perf_counter() - t) / 1e9
+        ta = torch.ones(size, size, dtype=tdt)
+        torch.matmul(ta, ta)
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(ta, ta)
+        torch_gf = flops * reps / (time.perf_counter() - t) / 1e9
+        out[name] = max(jax_gf, torch_gf)
+        out[f"{name}_jax"] = jax_gf
+        out[f"{name}_torch"] = torch_gf
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import jax
+    import sentence_transformers
+    import torch
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "sentence_transformers": sentence_transformers.__version__,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--model", type=Path, default=None, help="sentence-transformers directory (default: full-size random)"
+    )
+    p.add_argument("--tiny", action="store_true", help="use a tiny random checkpoint (smoke run)")
+    p.add_argument("--quick", action="store_true", help="few texts per case (smoke run)")
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--st-batch-size", type=int, default=32, help="sentence-transformers batch_size (its default)")
+    p.add_argument("--jax-batch-size", type=int, default=256, help="embgemma_jax max rows per batch")
+    p.add_argument("--token-budget", type=int, default=8192, help="embgemma_jax padded tokens per batch")
+    p.add_argument("--out", type=Path, default=None, help="JSON output (default: benchmarks/results/<name>.json)")
+    # worker mode
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--texts-file", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--emb-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    sys.path.insert(0, str(ROOT))
+    from embgemma_jax.checkpoint import read_st_config
+
+    cache = HERE / ".cache"
+    if args.model is None:
+        from embgemma_jax import testing
+
+        if args.tiny:
+            args.model = cache / "tiny"
+            if not (args.model / "modules.json").is_file():
+                testing.build_tiny_checkpoint(args.model, max_seq_length=256, max_position_embeddings=256)
+        else:
+            args.model = cache / "random-full"
+            if not (args.model / "modules.json").is_file():
+                print("building a full-size random checkpoint in", args.model, file=sys.stderr)
+                testing.build_full_size_random_checkpoint(args.model)
+    cfg = read_st_config(args.model)
+    counts = {name: (4 if args.quick else c) for name, (_, _, c) in CASES.items()}
+    cases = {k: v for k, v in build_cases(args.model, counts).items() if k in args.cases.split(",")}
+    systems = [s for s in args.systems.split(",") if s]
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown:
+        raise SystemExit(f"unknown systems {unknown}; valid: {list(SYSTEMS)}")
+
+    from embgemma_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(args.model, max_length=cfg.max_seq_length)
+    report = {
+        "machine": machine(),
+        "model": str(args.model),
+        "params": cfg.num_params(),
+        "settings": {
+            "repeats": args.repeats,
+            "st_batch_size": args.st_batch_size,
+            "jax_batch_size": args.jax_batch_size,
+            "token_budget": args.token_budget,
+        },
+        "cases": {},
+    }
+    print("measuring matmul peak ...", file=sys.stderr)
+    report["matmul_peak_gflops"] = matmul_peak()
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        for ci, (case, texts) in enumerate(cases.items()):
+            lengths = [len(x) for x in tok.encode(texts)]
+            flops = sum(model_flops_per_text(n, cfg) for n in lengths)
+            texts_file = tmp / f"{case}.json"
+            texts_file.write_text(json.dumps(texts))
+            order = systems if ci % 2 == 0 else systems[::-1]
+            results = {}
+            for system in order:
+                print(f"{case}: {system} ...", file=sys.stderr)
+                results[system] = run_worker(system, case, texts_file, args, tmp)
+            ref = results.get("jax-f32", {}).get("embeddings")
+            st_ref = results.get("st-f32", {}).get("embeddings")
+            rows = {}
+            for system, r in results.items():
+                emb = r.pop("embeddings")
+                dt = "bfloat16" if system.endswith(("bf16", "int8")) else "float32"
+                r.update(
+                    docs_per_s=len(texts) / r["best_s"],
+                    tokens_per_s=sum(lengths) / r["best_s"],
+                    model_gflops=flops / r["best_s"] / 1e9,
+                    peak_fraction=flops / r["best_s"] / 1e9 / report["matmul_peak_gflops"][dt],
+                )
+                if ref is not None:
+                    cos = np.sum(emb * ref, 1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
+                    r["cos_to_jax_f32_min"], r["cos_to_jax_f32_mean"] = float(cos.min()), float(cos.mean())
+                if st_ref is not None:
+                    r["max_abs_vs_st_f32"] = float(np.abs(emb - st_ref).max())
+                rows[system] = r
+            for r in rows.values():
+                for base in ("st-f32", "st-bf16"):
+                    if base in rows:
+                        r[f"speedup_vs_{base}"] = r["docs_per_s"] / rows[base]["docs_per_s"]
+                        r[f"rss_ratio_vs_{base}"] = r["peak_rss_mib"] / rows[base]["peak_rss_mib"]
+            report["cases"][case] = {
+                "n_texts": len(texts),
+                "tokens": int(sum(lengths)),
+                "min_tokens": int(min(lengths)),
+                "max_tokens": int(max(lengths)),
+                "model_gflop": flops / 1e9,
+                "systems": rows,
+            }
+    out = args.out or HERE / "results" / f"bench_encode_{'tiny' if args.tiny else Path(args.model).name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown(report))
+    print(f"\nJSON: {out}", file=sys.stderr)
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    peak = report["matmul_peak_gflops"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores; jax {m['jax']} ({m['jax_backend']}), torch {m['torch']}, "
+        f"transformers {m['transformers']}, sentence-transformers {m['sentence_transformers']}. "
+        f"Matmul peak: f32 {peak['float32']:.0f} GFLOP/s, bf16 {peak['bfloat16']:.0f} GFLOP/s.",
+        "",
+        "| case | system | docs/s | tokens/s | vs st-f32 | vs st-bf16 | compile s | shapes | peak RSS MiB "
+        "| RSS vs st-f32 | % of peak | cos to f32 (min) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case, c in report["cases"].items():
+        for system, r in c["systems"].items():
+            lines.append(
+                f"| {case} ({c['n_texts']} texts, {c['min_tokens']}-{c['max_tokens']} tok) | {system} "
+                f"| {r['docs_per_s']:.2f} | {r['tokens_per_s']:.0f} "
+                f"| {r.get('speedup_vs_st-f32', float('nan')):.2f}x | {r.get('speedup_vs_st-bf16', float('nan')):.2f}x "
+                f"| {r['compile_s']:.1f} | {r['compiled_shapes'] if r['compiled_shapes'] is not None else '-'} "
+                f"| {r['peak_rss_mib']:.0f} | {r.get('rss_ratio_vs_st-f32', float('nan')):.2f} "
+                f"| {100 * r['peak_fraction']:.0f}% | {r.get('cos_to_jax_f32_min', float('nan')):.5f} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The on-disk format of an embedded corpus: shards, commit records and the manifest.
+
+An output directory holds::
+
+    manifest.json                  written last, by process 0: the run is complete and this is its index
+    run-p00000-of-00002.json       what process 0 was asked to do (settings, its part of the input)
+    shards/p00000-s000000.npy      float32 [rows, dim] embeddings of shard 0 of process 0
+    shards/p00000-s000000.ids.json the ids of those rows (a JSON list), in input order
+    shards/p00000-s000000.json     the shard's commit record: row count, sha256 and size of both files,
+                                   where reading resumes after it, the records it skipped as malformed
+    errors-p00000.jsonl            skipped records of process 0 (only with on_error="skip")
+
+Every file is written to a temporary name, flushed to disk and renamed, so a file that exists under its
+final name is whole. A shard counts as written only once its commit record exists, and the commit record
+is renamed into place after both data files; data files without one are leftovers of an interrupted run
+and are overwritten when it resumes. Input order is process order, then shard order, then row order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_NAME = "embgemma_jax.embeddings"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+
+
+class ShardError(ValueError):
+    """An output directory is incomplete, inconsistent, or fails its checksums; the message names the file."""
+
+
+def shard_stem(process: int, index: int) -> str:
+    return f"p{process:05d}-s{index:06d}"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on some platforms; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` so that ``path`` is either absent/old or complete, never partial."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def commit_shard(
+    out_dir: Path, process: int, index: int, embeddings: np.ndarray, ids: list[str | int], info: dict[str, Any]
+) -> dict[str, Any]:
+    """Writes one shard (embeddings, ids, then the commit record) and returns the commit record.
+
+    ``info`` is stored in the commit record as is (resume position, skipped records, ...).
+    """
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(ids):
+        raise ValueError(f"shard {index}: {embeddings.shape} embeddings for {len(ids)} ids")
+    shard_dir = out_dir / SHARD_DIR
+    stem = shard_stem(process, index)
+    files = {}
+    for kind, name, data in (
+        ("embeddings", f"{stem}.npy", _npy_bytes(embeddings)),
+        ("ids", f"{stem}.ids.json", json.dumps(ids, ensure_ascii=False).encode("utf-8")),
+    ):
+        write_atomic(shard_dir / name, data)
+        files[kind] = {"name": f"{SHARD_DIR}/{name}", "bytes": len(data), "sha256": sha256(data)}
+    record = {
+        "format": FORMAT_NAME,
+        "process": process,
+        "index": index,
+        "rows": int(embeddings.shape[0]),
+        "dim": int(embeddings.shape[1]),
+        "files": files,
+        **info,
+    }
+    write_atomic(shard_dir / f"{stem}.json", json_bytes(record))
+    return record
+
+
+def _check_file(out_dir: Path, entry: dict[str, Any], *, checksum: bool) -> bytes | None:
+    path = out_dir / entry["name"]
+    if not path.is_file():
+        raise ShardError(f"{path} is missing")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise ShardError(f"{path} has {size} bytes; its record says {entry['bytes']} (truncated or replaced)")
+    if not checksum:
+        return None
+    data = path.read_bytes()
+    if sha256(data) != entry["sha256"]:
+        raise ShardError(f"{path} fails its sha256 checksum (corrupted or replaced)")
+    return data
+
+
+def committed_shards(out_dir: Path, process: int) -> list[dict[str, Any]]:
+    """The commit records of ``process``'s shards, in order, after checking them.
+
+    Every listed file must exist with its recorded size; the last shard (the one an interruption could
+    have hit) is also checksummed. Leftover temporary files of this process are removed.
+    """
+    shard_dir = out_dir / SHARD_DIR
+    prefix = f"p{process:05d}-s"
+    for tmp in shard_dir.glob(f".{prefix}*.tmp"):
+        tmp.unlink(missing_ok=True)
+    records = []
+    pattern = re.compile(rf"{prefix}(\d+)\.json")
+    found = {int(m.group(1)): p for p in shard_dir.glob(f"{prefix}*.json") if (m := pattern.fullmatch(p.name))}
+    for _, path in sorted(found.items()):
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ShardError(f"{path} is not a readable commit record: {e}") from e
+        records.append(rec)
+    for k, rec in enumerate(records):
+        if rec.get("format") != FORMAT_NAME or rec.get("process") != process or rec.get("index") != k:
+            raise ShardError(
+                f"{shard_dir}: commit records of process {process} are not shards 0..{len(records) - 1} in order "
+                f"(found index {rec.get('index')!r} at position {k}); the directory was modified by hand"
+            )
+        for entry in rec["files"].values():
+            _check_file(out_dir, entry, checksum=k == len(records) - 1)
+    return records
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    write_atomic(out_dir / MANIFEST, json_bytes(manifest))
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a finished output directory."""
+    out_dir = Path(out_dir)
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        hint = " (the run has not finished: run the same command again to resume it)" if out_dir.is_dir() else ""
+        raise ShardError(f"no {MANIFEST} in {out_dir}{hint}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path} is not valid JSON: {e}") from e
+    if manifest.get("format") != FORMAT_NAME:
+        raise ShardError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ShardError(
+            f"{path}: format_version {manifest.get('format_version')!r} is not supported ({FORMAT_VERSION})"
+        )
+    return manifest
+
+
+def read_embeddings(out_dir: str | Path, *, verify: bool = True) -> tuple[list[str | int], np.ndarray]:
+    """Reads a finished ``embed-corpus`` output directory back, in input order.
+
+    Args:
+      out_dir: the directory given to ``embgemma-jax embed-corpus --output``.
+      verify: check every file against the sha256 in the manifest.
+
+    Returns:
+      ``(ids, embeddings)``: a list with one id per document and a float32 array [documents, dim].
+
+    Raises:
+      ShardError: the run is not finished (no manifest), or a file is missing, truncated or corrupted.
+    """
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    n, dim = int(manifest["documents"]), int(manifest["dim"])
+    out = np.empty((n, dim), dtype=np.float32)
+    ids: list[str | int] = []
+    row = 0
+    for shard in manifest["shards"]:
+        files = shard["files"]
+        emb_bytes = _check_file(out_dir, files["embeddings"], checksum=True) if verify else None
+        ids_bytes = _check_file(out_dir, files["ids"], checksum=True) if verify else None
+        emb_path, ids_path = out_dir / files["embeddings"]["name"], out_dir / files["ids"]["name"]
+        emb = np.load(io.BytesIO(emb_bytes) if emb_bytes is not None else emb_path, allow_pickle=False)
+        shard_ids = json.loads(ids_bytes if ids_bytes is not None else ids_path.read_bytes())
+        rows = int(shard["rows"])
+        if emb.shape != (rows, dim) or emb.dtype != np.float32 or len(shard_ids) != rows:
+            raise ShardError(
+                f"{emb_path}: holds {emb.dtype} {emb.shape} and {len(shard_ids)} ids; the manifest says "
+                f"float32 ({rows}, {dim})"
+            )
+        if row + rows > n:
+            raise ShardError(f"{out_dir / MANIFEST}: shards hold more rows than its documents={n}")
+        out[row : row + rows] = emb
+        ids.extend(shard_ids)
+        row += rows
+    if row != n:
+        raise ShardError(f"{out_dir / MANIFEST}: shards hold {row} rows, but documents={n}")
+    return ids, out

@@ -1,0 +1,289 @@
+"""embed-corpus end to end: shards and manifest, malformed input, resume after SIGKILL, two processes.
+
+The reference everywhere is an uninterrupted single-process run (or plain ``encode``) of the tiny model
+on one device; runs under test use 8 (CLI, one process) or 2 + 2 (two processes) CPU devices, hence the
+float32 tolerance instead of bit equality.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embgemma_jax import embed_corpus, read_embeddings
+from embgemma_jax.corpus import CorpusError
+from embgemma_jax.shards import MANIFEST, ShardError
+from tests.conftest import F32_ATOL
+
+SHARD_SIZE, BATCH_SIZE = 16, 8
+WORDS = "mars planet red known reddish orbit sun moon the a of is".split()
+
+
+def _corpus_lines() -> list[str]:
+    """128 lines whose prompted token counts fall in the 32-, 64- and 96-token buckets, shortest first,
+    so the later shards of a run each need a fresh compile (time to kill it mid-run)."""
+    out = []
+    for i in range(128):
+        n = 1 + i % 5 if i < 32 else 12 + i % 7 if i < 80 else 40 + i % 9
+        out.append(" ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(n)) + f" {i}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus_txt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
+    path.write_text("\n".join(_corpus_lines()) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(jax_model, corpus_txt, tmp_path_factory) -> Path:
+    """An uninterrupted single-process, single-device run."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    embed_corpus(jax_model, corpus_txt, out, shard_size=SHARD_SIZE, batch_size=BATCH_SIZE)
+    return out
+
+
+def _cli(ckpt: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "embgemma_jax.cli",
+        "embed-corpus",
+        "--model",
+        str(ckpt),
+        "--input",
+        str(corpus),
+        "--output",
+        str(out),
+        "--shard-size",
+        str(SHARD_SIZE),
+        "--batch-size",
+        str(BATCH_SIZE),
+        *extra,
+    ]
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)  # keeps PYTHONPATH, so subprocesses import this checkout
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _assert_same_output(out: Path, reference: Path, *, same_shards: bool = True) -> None:
+    ids, emb = read_embeddings(out)
+    ref_ids, ref_emb = read_embeddings(reference)
+    assert ids == ref_ids
+    np.testing.assert_allclose(emb, ref_emb, atol=F32_ATOL, rtol=0)
+    if not same_shards:  # shards are cut per process
+        return
+    man, ref_man = (json.loads((d / MANIFEST).read_text()) for d in (out, reference))
+    assert [s["rows"] for s in man["shards"]] == [s["rows"] for s in ref_man["shards"]]
+
+
+def test_single_process_output_matches_encode(jax_model, corpus_txt, reference):
+    ids, emb = read_embeddings(reference)
+    lines = _corpus_lines()
+    assert ids == list(range(1, len(lines) + 1))  # .txt ids are 1-based line numbers
+    np.testing.assert_allclose(emb, jax_model.encode(lines, prompt_name="document"), atol=F32_ATOL, rtol=0)
+    man = json.loads((reference / MANIFEST).read_text())
+    assert man["documents"] == 128 and man["errors"] == 0 and len(man["shards"]) == 128 // SHARD_SIZE
+    # A finished run started again does no work and rewrites the same manifest.
+    shard = reference / man["shards"][0]["files"]["embeddings"]["name"]
+    before = shard.stat().st_mtime_ns
+    again = embed_corpus(jax_model, corpus_txt, reference, shard_size=SHARD_SIZE, batch_size=BATCH_SIZE)
+    assert again == man and shard.stat().st_mtime_ns == before
+    # ... but not with other settings.
+    with pytest.raises(ValueError, match=r"different settings \(dim\)"):
+        embed_corpus(jax_model, corpus_txt, reference, shard_size=SHARD_SIZE, truncate_dim=32)
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tiny_ckpt, corpus_txt, reference, tmp_path):
+    out = tmp_path / "out"
+    cmd = _cli(tiny_ckpt, corpus_txt, out)
+    first_commit = out / "shards" / "p00000-s000000.json"
+    proc = subprocess.Popen(cmd, env=_env(8), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not first_commit.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stderr.read().decode()[-3000:]
+        assert first_commit.exists(), "no shard was committed in time"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / MANIFEST).exists()
+    committed = sorted((out / "shards").glob("p00000-s*[0-9].json"))
+    assert 1 <= len(committed) < 128 // SHARD_SIZE, "the kill did not land mid-run"
+    with pytest.raises(ShardError, match="the run has not finished"):
+        read_embeddings(out)
+    kept = {}
+    for rec_path in committed:
+        for entry in json.loads(rec_path.read_text())["files"].values():
+            st = (out / entry["name"]).stat()
+            kept[entry["name"]] = (st.st_ino, st.st_mtime_ns)
+
+    resumed = subprocess.run(cmd, env=_env(8), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(r"\ddoc/s", resumed.stderr), "no progress bar with a docs/s rate"
+    # Shards committed before the kill were kept, not recomputed ...
+    for name, stamp in kept.items():
+        st = (out / name).stat()
+        assert (st.st_ino, st.st_mtime_ns) == stamp, f"{name} was rewritten on resume"
+    # ... and the whole equals an uninterrupted run: nothing duplicated, nothing lost.
+    _assert_same_output(out, reference)
+
+
+def test_two_processes_equal_single_process(tiny_ckpt, corpus_txt, reference, tmp_path):
+    out = tmp_path / "out"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            _cli(
+                tiny_ckpt,
+                corpus_txt,
+                out,
+                "--no-progress",
+                "--coordinator-address",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ),
+            env=_env(2),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, err in zip(procs, errs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+
+    _assert_same_output(out, reference, same_shards=False)
+    man = json.loads((out / MANIFEST).read_text())
+    # Each process wrote only its own part: process 1's shards start where process 0's lines end.
+    lines0, lines1 = (p["lines"] for p in man["processes"])
+    assert lines0 > 0 and lines1 > 0 and lines0 + lines1 == 128
+    assert {s["process"] for s in man["shards"]} == {0, 1}
+    first1 = json.loads((out / "shards" / "p00001-s000000.json").read_text())
+    assert first1["first_line"] == lines0 + 1
+    run1 = json.loads((out / "run-p00001-of-00002.json").read_text())
+    assert run1["part"][0] > 0 and run1["first_line"] == lines0 + 1
+
+
+@pytest.fixture(scope="module")
+def bad_jsonl(tmp_path_factory) -> tuple[Path, list[tuple[object, str]]]:
+    """A jsonl with good records (a duplicate id among them) and every kind of malformed one."""
+    good = [("a", "Mars is red"), (2, "the moon"), ("a", "duplicate id, kept"), ("z", "sun")]
+    lines = [
+        json.dumps({"id": "a", "text": "Mars is red"}),
+        "{bad json",
+        json.dumps({"id": 2, "text": "the moon"}),
+        json.dumps({"id": 3}),
+        "",
+        json.dumps({"id": "a", "text": "duplicate id, kept"}),
+        json.dumps({"id": 4, "text": ["not", "a", "string"]}),
+        json.dumps({"id": 5, "text": "<image_soft_token> is outside the embedding table"}),
+        json.dumps({"text": "no id"}),
+    ]
+    path = tmp_path_factory.mktemp("bad") / "docs.jsonl"
+    undecodable = b'{"id": 6, "text": "\xc3("}\n'
+    path.write_bytes(("\n".join(lines) + "\n").encode() + undecodable + b'{"id": "z", "text": "sun"}\n')
+    return path, good
+
+
+def test_malformed_input_raises_with_file_and_line(jax_model, bad_jsonl, tmp_path):
+    path, _ = bad_jsonl
+    with pytest.raises(CorpusError, match=re.escape(f"{path}:2: invalid JSON")):
+        embed_corpus(jax_model, path, tmp_path / "out", id_field="id")
+    assert not (tmp_path / "out" / MANIFEST).exists()
+
+
+def test_malformed_input_skipped_is_logged_and_counted(jax_model, bad_jsonl, tmp_path):
+    path, good = bad_jsonl
+    out = tmp_path / "out"
+    man = embed_corpus(jax_model, path, out, id_field="id", on_error="skip", shard_size=3, truncate_dim=32)
+    ids, emb = read_embeddings(out)
+    assert ids == [i for i, _ in good]
+    expected = jax_model.encode([t for _, t in good], prompt_name="document", truncate_dim=32)
+    np.testing.assert_allclose(emb, expected, atol=F32_ATOL, rtol=0)
+    assert man["documents"] == 4 and man["errors"] == 6 and man["errors_files"] == ["errors-p00000.jsonl"]
+    logged = [json.loads(x) for x in (out / "errors-p00000.jsonl").read_text().splitlines()]
+    assert [e["line"] for e in logged] == [2, 4, 7, 8, 9, 10]
+    assert all(e["file"] == str(path.resolve()) and e["location"] == f"{path}:{e['line']}" for e in logged)
+    reasons = [e["error"] for e in logged]
+    for line_reason in (
+        "invalid JSON",
+        "text field 'text' is missing",
+        "is list",
+        "cannot embed this text",
+        "id field 'id' is missing",
+        "invalid UTF-8",
+    ):
+        assert sum(line_reason in r for r in reasons) == 1, (line_reason, reasons)
+
+
+def test_interrupted_commit_and_corruption(jax_model, tmp_path):
+    """A crash after a shard's data files were renamed but before its commit record: on resume the
+    orphans are rewritten. A corrupted shard of a finished run fails read_embeddings."""
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n".join(_corpus_lines()[:40]) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    embed_corpus(jax_model, corpus, out, shard_size=SHARD_SIZE, batch_size=BATCH_SIZE)
+    ids, emb = read_embeddings(out)
+
+    (out / MANIFEST).unlink()
+    (out / "shards" / "p00000-s000002.json").unlink()  # the last shard was never committed ...
+    orphan = out / "shards" / "p00000-s000002.npy"
+    orphan.write_bytes(orphan.read_bytes()[:100])  # ... and its data file is garbage
+    (out / "shards" / ".p00000-s000002.ids.json.tmp").write_bytes(b"[1, 2")
+    embed_corpus(jax_model, corpus, out, shard_size=SHARD_SIZE, batch_size=BATCH_SIZE)
+    assert not list((out / "shards").glob(".*.tmp"))
+    ids2, emb2 = read_embeddings(out)
+    assert ids2 == ids
+    np.testing.assert_array_equal(emb2, emb)
+
+    shard = out / "shards" / "p00000-s000001.npy"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"p00000-s000001\.npy fails its sha256 checksum"):
+        read_embeddings(out)
+
+
+def test_parquet_input(jax_model, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = _corpus_lines()[:20]
+    path = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"doc": [f"d{i}" for i in range(20)], "body": texts}), path, row_group_size=6)
+    embed_corpus(
+        jax_model, path, tmp_path / "out", text_field="body", id_field="doc", shard_size=7, prompt_name="query"
+    )
+    ids, emb = read_embeddings(tmp_path / "out")
+    assert ids == [f"d{i}" for i in range(20)]
+    np.testing.assert_allclose(emb, jax_model.encode(texts, prompt_name="query"), atol=F32_ATOL, rtol=0)
