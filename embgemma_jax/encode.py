@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 # Sequence lengths are padded up to one of these (capped at max_seq_length), so a model compiles at most
 # len(BUCKETS) programs per batch size however many distinct lengths it sees.
-BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
+BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
 def enable_compilation_cache(directory: str | Path) -> Path:
@@ -134,7 +134,7 @@ class EmbeddingGemma:
 
         def put(_path: tuple[str, ...], arr: np.ndarray) -> jax.Array:
             if arr.dtype.kind == "f" or arr.dtype == jnp.bfloat16:
-                arr = arr.astype(store if not _path[-1].endswith("_scale") else np.float32)
+                arr = arr.astype(store if not _path[-1].endswith("_scale") else np.float32, copy=False)
             if mesh is None:
                 return jax.device_put(arr)
             return jax.device_put(arr, sharding.param_sharding(mesh, arr.shape, fsdp=fsdp))

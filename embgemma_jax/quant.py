@@ -34,10 +34,18 @@ def quantize_matrix(w: np.ndarray, n_contract: int) -> tuple[np.ndarray, np.ndar
     return q, scale
 
 
-def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int8 rows and one float32 scale per row ([V, D] -> [V, D] int8, [V])."""
-    q, scale = quantize_matrix(np.asarray(table, np.float32).T, 1)
-    return np.ascontiguousarray(q.T), scale
+def quantize_rows(table: np.ndarray, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """int8 rows and one float32 scale per row ([V, D] -> [V, D] int8, [V]), a chunk of rows at a time so
+    no float32 temporary of the whole (805 MB) table is made."""
+    q = np.empty(table.shape, np.int8)
+    scale = np.empty(table.shape[0], np.float32)
+    for i in range(0, table.shape[0], chunk):
+        rows = np.asarray(table[i : i + chunk], np.float32)
+        s = np.max(np.abs(rows), axis=1) / 127.0
+        s = np.where(s == 0, 1.0, s).astype(np.float32)
+        q[i : i + chunk] = np.clip(np.rint(rows / s[:, None]), -127, 127)
+        scale[i : i + chunk] = s
+    return q, scale
 
 
 def quantize_leaf(path: tuple[str, ...], arr: np.ndarray) -> dict[str, np.ndarray] | None:
