@@ -68,9 +68,10 @@ def banded_mask(key_valid: jax.Array, radius: int, block: int | None = None) -> 
 
 
 def use_banded(t: int, radius: int) -> bool:
-    """Whether the banded layout does less work than the dense one for T tokens.
+    """Whether the banded layout is faster than the dense one for T tokens.
 
-    Dense sliding attention costs T^2 scores per head, banded T * (C + 2r) = 3 T r plus a gather; banded
-    wins clearly once T >= 4 r (1024 tokens for EmbeddingGemma).
+    Dense sliding attention costs T^2 scores per head, banded T * (C + 2r) = 3 T r plus a gather. Measured
+    on EmbeddingGemma's sizes (``benchmarks/bench_attention.py``, 2-core CPU, float32): dense/banded time
+    is 0.94 at T=512, 1.69 at 768, 1.38 at 1024, 2.56 at 2048. So banded from T >= 3r (768 tokens).
     """
-    return t >= 4 * radius and t >= 2 * banded_block(radius)
+    return t >= 3 * radius and t >= 2 * banded_block(radius)
