@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,16 @@ def enable_compilation_cache(directory: str | Path) -> Path:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
+
+
+def check_batching(batch_size: Any, token_budget: Any = None) -> None:
+    """Raises on a batch_size that is not a positive int, or a token_budget that is neither that nor None."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if token_budget is not None and (
+        not isinstance(token_budget, int) or isinstance(token_budget, bool) or token_budget < 1
+    ):
+        raise ValueError(f"token_budget must be a positive int or None, got {token_budget!r}")
 
 
 def bucket_lengths(max_len: int) -> tuple[int, ...]:
@@ -230,19 +240,14 @@ class EmbeddingGemma:
     ) -> EncoderOutput:
         """The jitted pipeline on already-tokenized, padded ids (checked on the host first)."""
         self.check_ids(input_ids, attention_mask)
-        if self.mesh is not None:
-            return self._forward_sharded(input_ids, attention_mask, pool_mask, return_hidden_states)
-        with self._shapes_lock:
-            self.compiled_shapes.add(tuple(np.shape(input_ids)))
-        ids = jnp.asarray(input_ids, jnp.int32)
-        mask = jnp.asarray(attention_mask, jnp.int32)
-        pm = mask if pool_mask is None else jnp.asarray(pool_mask, jnp.int32)
-        return self._apply(self.params, ids, mask, pm, return_hidden_states=return_hidden_states)
-
-    def _forward_sharded(self, input_ids, attention_mask, pool_mask, return_hidden_states: bool) -> EncoderOutput:
-        """forward over self.mesh: rows padded to a multiple of the device count, split, then dropped again."""
         n = np.shape(input_ids)[0]
-        ids, mask, pm = sharding.shard_batch(self.mesh, input_ids, attention_mask, pool_mask)
+        if self.mesh is not None:
+            # Rows padded to a multiple of the device count and split over the mesh; dropped again below.
+            ids, mask, pm = sharding.shard_batch(self.mesh, input_ids, attention_mask, pool_mask)
+        else:
+            ids = jnp.asarray(input_ids, jnp.int32)
+            mask = jnp.asarray(attention_mask, jnp.int32)
+            pm = None if pool_mask is None else jnp.asarray(pool_mask, jnp.int32)
         with self._shapes_lock:
             self.compiled_shapes.add(tuple(ids.shape))
         out = self._apply(self.params, ids, mask, mask if pm is None else pm, return_hidden_states=return_hidden_states)
@@ -310,14 +315,12 @@ class EmbeddingGemma:
                 truncate_dim=truncate_dim,
                 normalize_embeddings=normalize_embeddings,
                 show_progress_bar=show_progress_bar,
+                token_budget=token_budget,
             )["embedding"]
         single = isinstance(sentences, str)
         texts = [sentences] if single else sentences
         check_texts(texts)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if token_budget is not None and (not isinstance(token_budget, int) or token_budget < 1):
-            raise ValueError(f"token_budget must be a positive int or None, got {token_budget!r}")
+        check_batching(batch_size, token_budget)
         dim = self._check_truncate_dim(truncate_dim)
         if prompts_per_text is None:
             p = resolve_prompt(self.prompts, prompt_name, prompt, self.default_prompt_name) or ""
@@ -367,39 +370,48 @@ class EmbeddingGemma:
             i += len(sel)
         return plan
 
+    def padded_batches(
+        self, texts: Sequence[str], batch_size: int, token_budget: int | None = None
+    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Yields (input indices, padded batch) for texts that already carry their prompts.
+
+        Texts are tokenized a bounded window at a time (memory does not grow with the input) and grouped
+        by :meth:`_plan_batches`; each batch holds empty padding rows after the ``len(indices)`` real ones.
+        """
+        window = max(batch_size * 16, 256 if token_budget is None else 4 * token_budget // 16)
+        for start in range(0, len(texts), window):
+            ids = self.tokenizer.encode(texts[start : start + window])
+            for sel, length, n_rows in self._plan_batches([len(x) for x in ids], batch_size, token_budget):
+                rows = [ids[i] for i in sel]
+                yield start + sel, self.tokenizer.pad(rows + [[]] * (n_rows - len(rows)), length)
+
     def _iter_embeddings(
         self, texts: Sequence[str], batch_size: int, show_progress_bar: bool | None, token_budget: int | None = None
     ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
         """Yields (input indices, embeddings) batch by batch.
 
-        Texts are tokenized a bounded window at a time (memory does not grow with the input), and the next
-        batch is dispatched before the previous result is read back, so the host pads and tokenizes while
-        the device computes.
+        The next batch is dispatched before the previous result is read back, so the host pads and
+        tokenizes while the device computes.
         """
-        window = max(batch_size * 16, 256 if token_budget is None else 4 * token_budget // 16)
         bar = None
         if show_progress_bar:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(texts), desc="encode", unit="text")
-        pending: list[tuple[np.ndarray, int, jax.Array]] = []
+        pending: list[tuple[np.ndarray, jax.Array]] = []
 
         def collect() -> tuple[np.ndarray, np.ndarray]:
-            idx, n, emb = pending.pop(0)
-            out = np.asarray(emb[:n], dtype=np.float32)
+            idx, emb = pending.pop(0)
+            out = np.asarray(emb[: len(idx)], dtype=np.float32)
             if bar is not None:
-                bar.update(n)
+                bar.update(len(idx))
             return idx, out
 
-        for start in range(0, len(texts), window):
-            ids = self.tokenizer.encode(texts[start : start + window])
-            for sel, length, n_rows in self._plan_batches([len(x) for x in ids], batch_size, token_budget):
-                rows = [ids[i] for i in sel]
-                batch = self.tokenizer.pad(rows + [[]] * (n_rows - len(rows)), length)
-                emb = self.forward(batch["input_ids"], batch["attention_mask"]).embeddings  # dispatched async
-                pending.append((start + sel, len(rows), emb))
-                if len(pending) > 1:
-                    yield collect()
+        for idx, batch in self.padded_batches(texts, batch_size, token_budget):
+            emb = self.forward(batch["input_ids"], batch["attention_mask"]).embeddings  # dispatched async
+            pending.append((idx, emb))
+            if len(pending) > 1:
+                yield collect()
         while pending:
             yield collect()
         if bar is not None:

@@ -125,6 +125,13 @@ def weight(
 AttentionMask = jax.Array | BandedMask
 
 
+def masked_softmax(scores: jax.Array, visible: jax.Array) -> jax.Array:
+    """Softmax over the last axis in float32, hidden keys set to the dtype's finite minimum (a row with no
+    visible key stays finite), cast back to the scores' dtype."""
+    scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
+    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(scores.dtype)
+
+
 class Attention(nn.Module):
     """Grouped-query attention: N query heads share K kv heads (computed once per kv head, never copied)."""
 
@@ -157,9 +164,7 @@ class Attention(nn.Module):
         if isinstance(mask, BandedMask):
             out = self._banded(q, key, v, mask, scale)
         else:
-            scores = dot("BTKGH,BSKH->BKGTS", q, key, dt) * scale
-            scores = jnp.where(mask[:, None, None], scores, jnp.finfo(dt).min)
-            probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dt)
+            probs = masked_softmax(dot("BTKGH,BSKH->BKGTS", q, key, dt) * scale, mask[:, None, None])
             self.sow("intermediates", "attention_probs", probs.reshape(b, n, t, -1))
             out = dot("BKGTS,BSKH->BTKGH", probs, v, dt)
         return dot("BTNH,NHD->BTD", out.reshape(b, t, n, h), w_o, dt, s_o)
@@ -176,9 +181,7 @@ class Attention(nn.Module):
         k_win = jnp.pad(key, pad)[:, mask.key_index]  # [B, nb, W, K, H]
         v_win = jnp.pad(v, pad)[:, mask.key_index]
         q_blk = jnp.pad(q, ((0, 0), (0, mask.pad_right), (0, 0), (0, 0), (0, 0))).reshape(b, nb, c, k, g, h)
-        scores = dot("BnCKGH,BnWKH->BnKGCW", q_blk, k_win, dt) * scale
-        scores = jnp.where(mask.visible[:, :, None, None], scores, jnp.finfo(dt).min)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dt)
+        probs = masked_softmax(dot("BnCKGH,BnWKH->BnKGCW", q_blk, k_win, dt) * scale, mask.visible[:, :, None, None])
         out = dot("BnKGCW,BnWKH->BnCKGH", probs, v_win, dt)
         return out.reshape(b, nb * c, k, g, h)[:, :t]
 

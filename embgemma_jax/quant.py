@@ -40,11 +40,8 @@ def quantize_rows(table: np.ndarray, chunk: int = 16384) -> tuple[np.ndarray, np
     q = np.empty(table.shape, np.int8)
     scale = np.empty(table.shape[0], np.float32)
     for i in range(0, table.shape[0], chunk):
-        rows = np.asarray(table[i : i + chunk], np.float32)
-        s = np.max(np.abs(rows), axis=1) / 127.0
-        s = np.where(s == 0, 1.0, s).astype(np.float32)
-        q[i : i + chunk] = np.clip(np.rint(rows / s[:, None]), -127, 127)
-        scale[i : i + chunk] = s
+        q_t, scale[i : i + chunk] = quantize_matrix(table[i : i + chunk].T, 1)  # a row is an output channel
+        q[i : i + chunk] = q_t.T
     return q, scale
 
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from embgemma_jax.encode import check_batching
 from embgemma_jax.model import DenseHead, EmbeddingGemmaModule, Encoder, RMSNorm, l2_normalize
 from embgemma_jax.pooling import (
     PoolFn,
@@ -258,31 +259,23 @@ def _prompt_lengths(model: EmbeddingGemma, prompts: Sequence[str]) -> np.ndarray
 
 
 def _batches(
-    model: EmbeddingGemma, full: Sequence[str], batch_size: int, show_progress_bar: bool | None
+    model: EmbeddingGemma,
+    full: Sequence[str],
+    batch_size: int,
+    show_progress_bar: bool | None,
+    token_budget: int | None = None,
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """(input indices, padded batch) with the same length buckets and row counts as ``encode``."""
-    from embgemma_jax.encode import batch_rows, bucket_for, bucket_lengths
-
-    buckets = bucket_lengths(model.config.max_seq_length)
-    window = max(batch_size * 16, 256)
     bar = None
     if show_progress_bar:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(full), desc="encode", unit="text")
     try:
-        for start in range(0, len(full), window):
-            ids = model.tokenizer.encode(full[start : start + window])
-            order = np.argsort([-len(x) for x in ids], kind="stable")
-            for b in range(0, len(order), batch_size):
-                sel = order[b : b + batch_size]
-                rows = [ids[i] for i in sel]
-                length = bucket_for(max(len(r) for r in rows), buckets)
-                n_rows = batch_rows(len(rows), batch_size)
-                batch = model.tokenizer.pad(rows + [[]] * (n_rows - len(rows)), length)
-                yield start + sel, batch
-                if bar is not None:
-                    bar.update(len(rows))
+        for idx, batch in model.padded_batches(full, batch_size, token_budget):
+            yield idx, batch
+            if bar is not None:
+                bar.update(len(idx))
     finally:
         if bar is not None:
             bar.close()
@@ -308,6 +301,7 @@ def embed_variants(
     truncate_dim: int | None = None,
     normalize_embeddings: bool = False,
     show_progress_bar: bool | None = None,
+    token_budget: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Embeds texts under several pooling variants with one encoder pass per batch.
 
@@ -321,14 +315,14 @@ def embed_variants(
       truncate_dim: keep the first dimensions of every variant's output.
       normalize_embeddings: L2-normalize after truncation.
       show_progress_bar: show a progress bar.
+      token_budget: pack batches by padded tokens, as :meth:`EmbeddingGemma.encode`.
 
     Returns:
       name -> float32 array [N, width] ([width] for a single str), in input order.
     """
     if not isinstance(variants, Mapping) or not variants:
         raise ValueError("variants must be a non-empty mapping name -> pooling (spec, mode name or function)")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_batching(batch_size, token_budget)
     if truncate_dim is not None and (
         isinstance(truncate_dim, bool) or not isinstance(truncate_dim, (int, np.integer)) or truncate_dim < 1
     ):
@@ -347,7 +341,7 @@ def embed_variants(
     r = runner(model)
     enc_params, pool_params = _encoder_params(model), _pool_params(model)
     out: dict[str, np.ndarray] = {}
-    for idx, batch in _batches(model, full, batch_size, show_progress_bar):
+    for idx, batch in _batches(model, full, batch_size, show_progress_bar, token_budget):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         model.check_ids(ids, mask)
         states = r.states(enc_params, jnp.asarray(ids), jnp.asarray(mask), all_layers=all_layers)

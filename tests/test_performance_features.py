@@ -21,8 +21,15 @@ def test_token_budget_gives_the_same_embeddings(jax_model):
     base = jax_model.encode(TEXTS, batch_size=4)
     for budget in (64, 200, 10_000):
         np.testing.assert_allclose(jax_model.encode(TEXTS, batch_size=64, token_budget=budget), base, atol=1e-6)
-    with pytest.raises(ValueError, match="token_budget"):
-        jax_model.encode(TEXTS, token_budget=0)
+    # The research path (pooling variants) batches through the same planner.
+    np.testing.assert_allclose(
+        jax_model.encode(TEXTS, pooling="max", token_budget=64), jax_model.encode(TEXTS, pooling="max"), atol=1e-6
+    )
+    for bad in (0, True):
+        with pytest.raises(ValueError, match="token_budget"):
+            jax_model.encode(TEXTS, token_budget=bad)
+        with pytest.raises(ValueError, match="token_budget"):
+            jax_model.encode(TEXTS, pooling="max", token_budget=bad)
 
 
 def test_token_budget_plan_respects_budget(jax_model):
