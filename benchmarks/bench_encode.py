@@ -284,7 +284,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT))
-    from embgemma_jax.checkpoint import read_st_config
+    from embgemma_jax.checkpoint.load import read_st_config
 
     cache = HERE / ".cache"
     if args.model is None:

@@ -1,16 +1,17 @@
 """embgemma_jax: EmbeddingGemma-300M in JAX/Flax with numerical parity to sentence-transformers."""
 
-from embgemma_jax.checkpoint import Checkpoint, convert, load_checkpoint
-from embgemma_jax.config import EMBEDDINGGEMMA_300M, MATRYOSHKA_DIMS, CheckpointError, EmbeddingGemmaConfig
-from embgemma_jax.corpus_job import embed_corpus
+from embgemma_jax.checkpoint.load import Checkpoint, convert, load_checkpoint
+from embgemma_jax.config import EMBEDDINGGEMMA_300M, MATRYOSHKA_DIMS, EmbeddingGemmaConfig
+from embgemma_jax.corpus.job import embed_corpus
+from embgemma_jax.corpus.shards import read_embeddings
 from embgemma_jax.encode import EmbeddingGemma
-from embgemma_jax.evaluation import MTEBEncoder, evaluate_retrieval, evaluate_retrieval_files
+from embgemma_jax.errors import CheckpointError
 from embgemma_jax.model import EmbeddingGemmaModule, Encoder, EncoderOutput
-from embgemma_jax.oracle import OracleOutput, oracle_forward
-from embgemma_jax.parity import parity_report
 from embgemma_jax.pooling import POOLING_MODES, PoolingSpec
-from embgemma_jax.research import Capture, Intermediates
-from embgemma_jax.shards import read_embeddings
+from embgemma_jax.research.evaluation import MTEBEncoder, evaluate_retrieval, evaluate_retrieval_files
+from embgemma_jax.research.oracle import OracleOutput, oracle_forward
+from embgemma_jax.research.parity import parity_report
+from embgemma_jax.research.variants import Capture, Intermediates
 from embgemma_jax.tokenizer import Tokenizer
 
 __version__ = "0.1.0"

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 from typing import Any
+
+from embgemma_jax.errors import CheckpointError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file is missing, malformed or not an EmbeddingGemma checkpoint."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,22 +229,6 @@ class EmbeddingGemmaConfig:
 
 def _first(x: Any) -> Any:
     return x[0] if isinstance(x, (list, tuple)) else x
-
-
-def read_json(path: Path, expect: type = dict) -> Any:
-    """Reads a JSON file whose top level must be ``expect`` (an object by default), turning a missing or
-    malformed file into a CheckpointError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"missing file: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, expect):
-        want = {dict: "an object", list: "an array"}.get(expect, expect.__name__)
-        raise CheckpointError(f"{path}: top level must be {want}, got {type(data).__name__}")
-    return data
 
 
 # google/embeddinggemma-300m, as in its config.json and sentence-transformers module configs.

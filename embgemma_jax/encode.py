@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embgemma_jax import sharding
-from embgemma_jax.checkpoint import Checkpoint, load_checkpoint, save_converted
+from embgemma_jax.checkpoint.load import Checkpoint, load_checkpoint, save_converted
 from embgemma_jax.config import MATRYOSHKA_DIMS, EmbeddingGemmaConfig
 from embgemma_jax.model import EmbeddingGemmaModule, EncoderOutput, check_attention_impl, resolve_dtype
 from embgemma_jax.pooling import PoolingLike, as_pooling_spec, get_pooling
@@ -21,7 +21,7 @@ from embgemma_jax.quant import check_quantize, expand_quantized, is_quantized, q
 from embgemma_jax.tokenizer import Tokenizer, check_texts
 
 if TYPE_CHECKING:
-    from embgemma_jax.research import Intermediates
+    from embgemma_jax.research.variants import Intermediates
 
 # Sequence lengths are padded up to one of these (capped at max_seq_length), so a model compiles at most
 # len(BUCKETS) programs per batch size however many distinct lengths it sees.
@@ -444,7 +444,7 @@ class EmbeddingGemma:
     ) -> dict[str, np.ndarray]:
         """Embeds texts under several pooling variants (name -> mode, function or PoolingSpec) with one
         encoder pass per batch. Keyword arguments as :meth:`encode`. Returns name -> [N, width]."""
-        from embgemma_jax.research import embed_variants
+        from embgemma_jax.research.variants import embed_variants
 
         return embed_variants(self, sentences, variants, **kwargs)
 
@@ -453,7 +453,7 @@ class EmbeddingGemma:
         pooled and dense outputs, attention probabilities of chosen layers (NaN at padding). Keyword
         arguments: prompt_name, prompt, titles, capture (a :class:`~embgemma_jax.research.Capture`),
         mark_padding; see :func:`embgemma_jax.research.inspect`."""
-        from embgemma_jax.research import inspect
+        from embgemma_jax.research.variants import inspect
 
         return inspect(self, sentences, **kwargs)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from embgemma_jax.config import CheckpointError, read_json
+from embgemma_jax.errors import CheckpointError, read_json
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from embgemma_jax.corpus import CorpusError, open_corpus
+from embgemma_jax.corpus.readers import CorpusError, open_corpus
 
 
 def _records(corpus, nparts=1):

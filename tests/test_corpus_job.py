@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from embgemma_jax import embed_corpus, read_embeddings
-from embgemma_jax.corpus import CorpusError
-from embgemma_jax.shards import MANIFEST, ShardError
+from embgemma_jax.corpus.readers import CorpusError
+from embgemma_jax.corpus.shards import MANIFEST, ShardError
 from tests.conftest import F32_ATOL
 
 SHARD_SIZE, BATCH_SIZE = 16, 8

@@ -9,7 +9,7 @@ import typing
 import numpy as np
 import pytest
 
-from embgemma_jax.evaluation import (
+from embgemma_jax.research.evaluation import (
     MTEBEncoder,
     evaluate_retrieval,
     evaluate_retrieval_files,

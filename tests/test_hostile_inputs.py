@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from embgemma_jax import EmbeddingGemma
-from embgemma_jax.checkpoint import load_checkpoint
+from embgemma_jax.checkpoint.load import load_checkpoint
 from tests.conftest import F32_ATOL
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from embgemma_jax.checkpoint import load_checkpoint
-from embgemma_jax.oracle import oracle_forward
+from embgemma_jax.checkpoint.load import load_checkpoint
+from embgemma_jax.research.oracle import oracle_forward
 
 # float64 oracle vs float32 reference: the reference's own rounding, relative to the activation scale.
 REL_TOL = 1e-6

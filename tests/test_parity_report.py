@@ -5,7 +5,7 @@ import json
 import pytest
 
 from embgemma_jax.cli import main
-from embgemma_jax.parity import check_tolerances
+from embgemma_jax.research.parity import check_tolerances
 
 # Stated once: float32 JAX, float32 torch and the float64 oracle agree to ~3e-7 of the activation scale
 # on the tiny model (see the README's report); 1e-5 is the suite-wide float32 tolerance.

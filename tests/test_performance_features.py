@@ -77,7 +77,7 @@ from jax import monitoring
 events = []
 monitoring.register_event_listener(lambda name, **kw: events.append(name))
 from embgemma_jax import EmbeddingGemma
-m = EmbeddingGemma.from_pretrained({str(tiny_ckpt)!r}, compilation_cache_dir={str(tmp_path / 'cache')!r})
+m = EmbeddingGemma.from_pretrained({str(tiny_ckpt)!r}, compilation_cache_dir={str(tmp_path / "cache")!r})
 m.encode(["one text", "and another one"])
 print(json.dumps({{"hits": events.count("/jax/compilation_cache/cache_hits"),
                   "misses": events.count("/jax/compilation_cache/cache_misses")}}))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from embgemma_jax.oracle import oracle_forward
 from embgemma_jax.pooling import PoolingSpec
-from embgemma_jax.research import Capture, runner
+from embgemma_jax.research.oracle import oracle_forward
+from embgemma_jax.research.variants import Capture, runner
 from tests.conftest import F32_ATOL
 
 TEXTS = [
@@ -135,7 +135,7 @@ def test_include_prompt_false_pool_mask(st_model, jax_model):
     it = jax_model.inspect(TEXTS, prompt=PROMPT, mark_padding=False)
     assert (it.pool_mask == it.attention_mask).all()  # the checkpoint includes the prompt
     # a pool mask that drops the prompt: the first prompt_length positions of every row
-    from embgemma_jax.research import pool_mask_for
+    from embgemma_jax.research.variants import pool_mask_for
 
     pm = pool_mask_for(jax_model, it.attention_mask, [PROMPT] * len(TEXTS), include_prompt=False)
     n = st_model[0]._get_prompt_length(PROMPT)

@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from embgemma_jax import Tokenizer
-from embgemma_jax.config import CheckpointError
+from embgemma_jax.errors import CheckpointError
 from embgemma_jax.tokenizer import read_added_tokens
 
 CASES = [

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from embgemma_jax.config import CheckpointError, EmbeddingGemmaConfig, read_json
+from embgemma_jax.config import EmbeddingGemmaConfig
+from embgemma_jax.errors import CheckpointError, read_json
 
 FORMAT_NAME = "embgemma_jax"
 FORMAT_VERSION = 1

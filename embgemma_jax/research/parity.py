@@ -20,10 +20,7 @@ Use :func:`parity_report` from Python, or ``embgemma-jax parity`` on the command
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -130,11 +127,11 @@ def parity_report(
     """
     import jax
 
-    from embgemma_jax.checkpoint import load_checkpoint
+    from embgemma_jax.checkpoint.load import load_checkpoint
     from embgemma_jax.config import FULL
     from embgemma_jax.encode import EmbeddingGemma
-    from embgemma_jax.oracle import oracle_forward
     from embgemma_jax.prompts import resolve_prompt
+    from embgemma_jax.research.oracle import oracle_forward
 
     texts = list(DEFAULT_TEXTS if texts is None else texts)
     if not texts:
@@ -374,89 +371,11 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def _json_safe(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
-
-
-# ---------------------------------------------------------------------------------------------------
-# Command line
-
-
-def _read_texts(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"texts file not found: {p}")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p} is not UTF-8 text ({e})") from e
-    texts = [line for line in lines if line.strip()]
-    if not texts:
-        raise ValueError(f"{p} holds no non-empty lines")
-    return texts
-
-
-def cmd_parity(args: argparse.Namespace) -> int:
-    tolerances = {
-        "max_abs_tol": args.max_abs_tol,
-        "max_rel_tol": args.max_rel_tol,
-        "min_cosine": args.min_cosine,
-        "min_token_agreement": args.min_token_agreement,
-    }
-    empty = {"embeddings": {}, "stages": [], "tokens": {}}
-    check_tolerances(empty, **tolerances)  # validate the values before any work
-    texts = _read_texts(args.texts) if args.texts else None
-    report = parity_report(
-        args.model,
-        texts,
-        dtype=args.dtype,
-        prompt_name=args.prompt_name,
-        prompt=args.prompt,
-        reference=False if args.no_reference else None,
-    )
-    failures = check_tolerances(report, **tolerances)
-    report["tolerances"] = {k: v for k, v in tolerances.items() if v is not None}
-    report["failures"] = failures
-    report["passed"] = not failures
-    print(format_report(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(_json_safe(report), indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}", file=sys.stderr)
-    if args.plot:
-        print(f"wrote {plot_report(report, args.plot)}", file=sys.stderr)
-    if failures:
-        print("\nFAILED:\n  " + "\n  ".join(failures))
-        return 1
-    if any(v is not None for v in tolerances.values()):
-        print("\nall tolerances met")
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Registers ``embgemma-jax parity``."""
-    p = sub.add_parser(
-        "parity",
-        help="layer-by-layer comparison with a float64 oracle and the PyTorch reference",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("--model", required=True, help="Hub id or local checkpoint directory")
-    p.add_argument("--texts", help="UTF-8 file, one text per line (default: a built-in set incl. a long text)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="JAX compute dtype")
-    p.add_argument("--prompt-name", default=None, help="prompt from the model's table, e.g. query, document")
-    p.add_argument("--prompt", default=None, help="explicit prompt string (wins over --prompt-name)")
-    p.add_argument("--no-reference", action="store_true", help="skip the PyTorch reference even if installed")
-    p.add_argument("--json", help="write the report as JSON to this file")
-    p.add_argument("--plot", help="save a PNG of the error per stage (needs matplotlib)")
-    p.add_argument("--max-abs-tol", type=float, help="fail if our final embeddings differ by more than this")
-    p.add_argument("--max-rel-tol", type=float, help="fail if any stage's relative error exceeds this")
-    p.add_argument(
-        "--min-cosine", type=float, help="fail if a final embedding's cosine to the oracle/reference is lower"
-    )
-    p.add_argument("--min-token-agreement", type=float, help="fail if fewer texts tokenize identically (0..1)")
-    p.set_defaults(func=cmd_parity)

@@ -12,7 +12,6 @@ continues from the input position recorded in its last one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embgemma_jax import shards
-from embgemma_jax.corpus import Corpus, CorpusError, Record, open_corpus
+from embgemma_jax.corpus import shards
+from embgemma_jax.corpus.readers import Corpus, CorpusError, Record, open_corpus
 from embgemma_jax.prompts import resolve_prompt
 
 if TYPE_CHECKING:
@@ -317,94 +316,3 @@ def _finish(out_dir: Path, settings: dict[str, Any], proc: int, nproc: int, line
         shards.write_manifest(out_dir, manifest)
     _barrier("embgemma_jax.embed_corpus.manifest")
     return manifest
-
-
-# ---------------------------------------------------------------------------------------------------
-# Command line
-
-
-def cmd_embed_corpus(args: argparse.Namespace) -> int:
-    from embgemma_jax.sharding import initialize_distributed, make_mesh
-
-    distributed = [args.coordinator_address, args.num_processes, args.process_id]
-    if args.distributed or any(x is not None for x in distributed):
-        initialize_distributed(*distributed)
-    import jax
-
-    from embgemma_jax.encode import EmbeddingGemma
-
-    model = EmbeddingGemma.from_pretrained(
-        args.model,
-        dtype=args.dtype,
-        revision=args.revision,
-        mesh=make_mesh(),
-        fsdp=args.fsdp,
-        compilation_cache_dir=args.compilation_cache,
-    )
-    manifest = embed_corpus(
-        model,
-        args.input,
-        args.output,
-        text_field=args.text_field,
-        id_field=args.id_field,
-        prompt_name=args.prompt_name or None,
-        prompt=args.prompt,
-        truncate_dim=args.truncate_dim,
-        on_error=args.on_error,
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
-    if jax.process_index() == 0:
-        skipped = f", {manifest['errors']} malformed records skipped (see {', '.join(manifest['errors_files'])})"
-        print(
-            f"wrote {manifest['documents']} x {manifest['dim']} embeddings in {len(manifest['shards'])} shards to "
-            f"{args.output}{skipped if manifest['errors'] else ''}",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def add_embed_corpus_parser(sub: argparse._SubParsersAction) -> None:
-    """The ``embed-corpus`` subcommand."""
-    from embgemma_jax.cli import _add_model_args
-
-    p = sub.add_parser(
-        "embed-corpus",
-        help="embed a large .txt/.jsonl/.parquet corpus into resumable shards (multi-device, multi-host)",
-        description="Streams the input, encodes it data-parallel over all local devices, writes shards with a "
-        "manifest. Rerun the same command to resume an interrupted run. Read the result with "
-        "embgemma_jax.read_embeddings(OUTPUT).",
-    )
-    _add_model_args(p)
-    p.add_argument("--input", required=True, help=".txt (one text per line), .jsonl or .parquet file")
-    p.add_argument("--output", required=True, help="output directory (created; an unfinished run there is resumed)")
-    p.add_argument("--text-field", default="text", help="field/column with the text (jsonl, parquet)")
-    p.add_argument(
-        "--id-field",
-        default=None,
-        help="field/column with the id (default: line number for txt/jsonl, row index for parquet)",
-    )
-    p.add_argument("--prompt-name", default="document", help="prompt from the model's table ('' for none)")
-    p.add_argument("--prompt", default=None, help="explicit prompt string (wins over --prompt-name)")
-    p.add_argument("--truncate-dim", type=int, default=None, help="Matryoshka dimension (768, 512, 256, 128)")
-    p.add_argument(
-        "--on-error",
-        default="raise",
-        choices=list(ON_ERROR),
-        help="malformed records: stop with file:line (raise) or log to errors-*.jsonl and go on (skip)",
-    )
-    p.add_argument("--shard-size", type=int, default=10_000, help="input records per shard")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
-    p.add_argument("--fsdp", action="store_true", help="split parameters over the local devices instead of replicating")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = p.add_argument_group("multi-host (jax.distributed)")
-    g.add_argument(
-        "--distributed",
-        action="store_true",
-        help="call jax.distributed.initialize() with auto-detection (TPU pod slices, SLURM, ...)",
-    )
-    g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
-    g.add_argument("--num-processes", type=int, default=None, help="number of processes")
-    g.add_argument("--process-id", type=int, default=None, help="index of this process")
-    p.set_defaults(func=cmd_embed_corpus)

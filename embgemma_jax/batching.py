@@ -1,0 +1,118 @@
+"""The one batch planner: tokenized texts -> padded batches of a bounded set of shapes.
+
+Every caller (``encode``, the pooling variants, the corpus job, the server) batches through
+:func:`padded_batches`, so they all see the same length buckets, row counts and results.
+
+* Lengths are padded up to a bucket of :data:`BUCKETS` (capped at ``max_seq_length``), rows to a power of
+  two (at most ``batch_size``), so a model compiles a bounded number of programs however many distinct
+  lengths it sees.
+* Texts are sorted longest first inside a tokenization window of :func:`tokenize_window` texts, so memory
+  does not grow with the input while similar lengths still share batches.
+* With ``token_budget`` a batch holds as many texts as fit ``rows * padded_length <= token_budget``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+# Sequence lengths are padded up to one of these (capped at max_seq_length), so a model compiles at most
+# len(BUCKETS) programs per batch size however many distinct lengths it sees.
+BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+def check_positive_int(value: Any, name: str, *, optional: bool = False) -> int | None:
+    """``value`` as an int if it is a positive int (None too when ``optional``); raises naming ``name``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        want = "a positive int or None" if optional else "a positive int"
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return int(value)
+
+
+def check_batching(batch_size: Any, token_budget: Any = None) -> None:
+    """Raises on a batch_size that is not a positive int, or a token_budget that is neither that nor None."""
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(token_budget, "token_budget", optional=True)
+
+
+def check_truncate_dim(truncate_dim: Any, full: int, trained: Sequence[int] = ()) -> int:
+    """The number of leading dimensions to keep: ``full`` for None, else an int in [1, full]."""
+    if truncate_dim is None:
+        return full
+    is_int = isinstance(truncate_dim, (int, np.integer)) and not isinstance(truncate_dim, bool)
+    if not is_int or not 1 <= truncate_dim <= full:
+        hint = f" (trained Matryoshka dims: {list(trained)})" if trained else ""
+        raise ValueError(f"truncate_dim must be an int in [1, {full}]{hint}, got {truncate_dim!r}")
+    return int(truncate_dim)
+
+
+def bucket_lengths(max_len: int) -> tuple[int, ...]:
+    return tuple(sorted({b for b in BUCKETS if b < max_len} | {max_len}))
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"sequence of {n} tokens is longer than the largest bucket {buckets[-1]}")
+
+
+def batch_rows(n: int, batch_size: int) -> int:
+    """Rows to pad a batch of n texts to: a power of two, at most batch_size (bounded compile count)."""
+    rows = 1
+    while rows < n:
+        rows *= 2
+    return min(rows, batch_size) if n <= batch_size else n
+
+
+def tokenize_window(batch_size: int, token_budget: int | None) -> int:
+    """Texts tokenized (and sorted by length) at a time: enough for several full batches."""
+    return max(batch_size * 16, 256 if token_budget is None else 4 * token_budget // 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """One batch: which texts (positions in the planned list), padded to ``length`` tokens and ``rows`` rows."""
+
+    indices: np.ndarray
+    length: int
+    rows: int
+
+
+def plan_batches(lengths: Sequence[int], batch_size: int, token_budget: int | None, max_len: int) -> list[BatchPlan]:
+    """Groups texts (longest first) into batches padded to the bucket of their longest text.
+
+    With ``token_budget`` a batch holds as many texts as fit ``rows * padded_length <= token_budget`` (at
+    most batch_size), so long texts go in small batches and short ones in large batches.
+    """
+    buckets = bucket_lengths(max_len)
+    order = np.argsort([-n for n in lengths], kind="stable")
+    plan, i = [], 0
+    while i < len(order):
+        length = bucket_for(lengths[order[i]], buckets)
+        rows = batch_size if token_budget is None else max(1, min(batch_size, token_budget // length))
+        sel = order[i : i + rows]
+        plan.append(BatchPlan(sel, length, batch_rows(len(sel), rows)))
+        i += len(sel)
+    return plan
+
+
+def padded_batches(
+    tokenizer: Any, texts: Sequence[str], batch_size: int, token_budget: int | None = None
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Yields (input indices, padded batch) for texts that already carry their prompts.
+
+    Texts are tokenized a :func:`tokenize_window` at a time and grouped by :func:`plan_batches`; each batch
+    holds empty padding rows after the ``len(indices)`` real ones.
+    """
+    window = tokenize_window(batch_size, token_budget)
+    for start in range(0, len(texts), window):
+        ids = tokenizer.encode(texts[start : start + window])
+        for b in plan_batches([len(x) for x in ids], batch_size, token_budget, tokenizer.max_length):
+            rows = [ids[i] for i in b.indices]
+            yield start + b.indices, tokenizer.pad(rows + [[]] * (b.rows - len(rows)), b.length)
