@@ -4,8 +4,10 @@ A corpus is read in contiguous *parts* (one per process) and, within a part, fro
 one record at a time, so memory stays bounded whatever the corpus size. Each process reads only its part:
 
 * ``.txt`` / ``.jsonl``: part p is the byte range [p * size / P, (p + 1) * size / P); a line belongs to
-  the part holding its first byte. Positions are byte offsets of line starts. Lines end at ``\\n`` (a
-  trailing ``\\r`` is dropped too); a UTF-8 byte-order mark at the start of the file is dropped.
+  the part holding its first byte. Positions are byte offsets of line starts. Only ``\\n`` ends a line
+  (a ``\\r`` before it is dropped too; ``\\f``, ``\\v``, U+2028 and the like are text); a UTF-8
+  byte-order mark at the start of the file is dropped. :func:`read_text_lines` (``embed --input``)
+  splits by the same rule.
 * ``.parquet``: part p is the row range [p * rows / P, (p + 1) * rows / P); only the row groups that
   overlap it are read. Positions are row indices.
 
@@ -14,12 +16,17 @@ Ids: with ``id_field`` None, a record's id is its location: the 1-based line num
 the field's value (a str or an int) is the id; a record without one is malformed. Ids are labels carried
 to the output verbatim, not keys: duplicates are allowed and kept.
 
-Malformed records (undecodable bytes, bad JSON, a JSON value that is not an object, a missing field, a
-text that is not a string, a null) come back as records with ``error`` set and a location naming the
-file and line (or row); whether that stops the run is the caller's choice. Problems of the whole file
-(missing, empty, unknown format, a missing or mistyped parquet column) raise :class:`CorpusError`. In
-``.jsonl``, blank lines are not records and are passed over; in ``.txt`` every line is a text, the empty
-line included.
+Malformed records (undecodable bytes, bad JSON, JSON nested too deeply or with an integer longer than
+Python parses, a JSON value that is not an object, a missing field, a text that is not a string, a null, a
+string holding a lone surrogate) come back as records with ``error`` set and a location naming the file
+and line (or row); whether that stops the run is the caller's choice. Problems of the whole file
+(missing, a directory or a pipe, empty, unknown format, a missing or mistyped parquet column) raise
+:class:`CorpusError`. In ``.jsonl``, blank lines are not records and are passed over; in ``.txt`` every
+line is a text, the empty line included.
+
+Input hashes: :meth:`Corpus.read` feeds what it reads to an :class:`InputHash` (the raw bytes of every line
+for txt/jsonl, the id and text of every row for parquet), so a resumed run can check, with
+:meth:`Corpus.input_hash`, that the input it already embedded is still the same.
 """
 
 from __future__ import annotations
@@ -27,9 +34,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
+import reprlib
+import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -37,6 +47,11 @@ PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 _BOM = b"\xef\xbb\xbf"
 _READ_CHUNK = 1 << 20
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 60
+_repr.maxlevel = 2
 
 
 class CorpusError(ValueError):
@@ -70,10 +85,111 @@ class Part:
     end: int
 
 
+class InputHash:
+    """sha256 of the input read so far in a part, and the position it reaches.
+
+    Lines that are not records (blank ``.jsonl`` lines) are hashed tentatively: :meth:`rollback` drops them
+    when no record follows, so the hash always covers exactly [part start, last record's next_position).
+    """
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+        self._h = hashlib.sha256()
+        self._saved: tuple[Any, int] | None = None
+
+    def update(self, data: bytes, position: int, *, record: bool = True) -> None:
+        if not record and self._saved is None:
+            self._saved = (self._h.copy(), self.position)
+        elif record:
+            self._saved = None
+        self._h.update(data)
+        self.position = position
+
+    def rollback(self) -> None:
+        """Forgets what was hashed since the last record."""
+        if self._saved is not None:
+            self._h, self.position = self._saved
+            self._saved = None
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def short_repr(value: Any) -> str:
+    """A short repr (bounded length and depth, so deep or huge values cannot blow up an error message)."""
+    return _repr.repr(value)
+
+
 def _check_id(value: Any, field: str) -> tuple[str | int | None, str | None]:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        return None, f"field {field!r} is {type(value).__name__} ({value!r:.60}); ids must be strings or integers"
+        return None, f"field {field!r} is {type(value).__name__} ({short_repr(value)}); ids must be strings or integers"
+    if isinstance(value, str) and (m := _SURROGATE.search(value)):
+        return None, f"id field {field!r} holds a lone surrogate ({m.group()!r} at character {m.start()}), not text"
     return value, None
+
+
+def _lines(fh: IO[bytes], pos: int) -> Iterator[tuple[bytes, bytes, int]]:
+    """The lines of a binary stream from byte offset ``pos`` (the one rule of every reader here).
+
+    Yields ``(raw, content, next_pos)``: the line's bytes as stored (with its ``\\n``, and the BOM of a
+    first line), the line without its line end (``\\n``, ``\\r\\n``) or BOM, and the offset after it.
+    """
+    while True:
+        raw = fh.readline()
+        if not raw:
+            return
+        content = raw[len(_BOM) :] if pos == 0 and raw.startswith(_BOM) else raw
+        pos += len(raw)
+        yield raw, content.removesuffix(b"\n").removesuffix(b"\r"), pos
+
+
+def _decode(content: bytes) -> tuple[str | None, str | None]:
+    """(text, None) or (None, what is wrong)."""
+    try:
+        return content.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return None, f"invalid UTF-8 at byte {e.start} of the line ({content[e.start : e.start + 4]!r})"
+
+
+def _check_input_file(path: Path, *, what: str, regular: bool) -> None:
+    """Raises CorpusError unless ``path`` is a file that can be read (a regular file if ``regular``)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise CorpusError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise CorpusError(f"cannot read {what} {path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CorpusError(f"{what} {path} is a directory; expected a file")
+    if regular and not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+        raise CorpusError(
+            f"{what} {path} is {kind}: a corpus is read in parts and again on resume, so it must be a regular "
+            "file (save the stream to a file first)"
+        )
+
+
+def read_text_lines(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 text file, split exactly as a ``.txt`` corpus is (see the module docstring).
+
+    Used by ``embgemma-jax embed --input``. Pipes work too (``--input /dev/stdin``).
+
+    Raises:
+      CorpusError: the file is missing, a directory or unreadable, or a line is not UTF-8 (names path:line).
+    """
+    path = Path(path)
+    _check_input_file(path, what="input file", regular=False)
+    out = []
+    try:
+        with open(path, "rb") as fh:
+            for n, (_raw, content, _pos) in enumerate(_lines(fh, 0), start=1):
+                text, error = _decode(content)
+                if error is not None:
+                    raise CorpusError(f"{path}:{n}: {error}")
+                out.append(text)
+    except OSError as e:
+        raise CorpusError(f"cannot read input file {path}: {e.strerror or e}") from None
+    return out
 
 
 class Corpus:
@@ -94,8 +210,7 @@ class Corpus:
                 "(compressed files must be decompressed first)"
             )
         self.format = "txt" if suffix in TEXT_SUFFIXES else "jsonl" if suffix in JSONL_SUFFIXES else "parquet"
-        if not self.path.is_file():
-            raise CorpusError(f"input file not found: {self.path}")
+        _check_input_file(self.path, what="input file", regular=True)
         if not isinstance(text_field, str) or not text_field:
             raise CorpusError(f"text_field must be a non-empty string, got {text_field!r}")
         if id_field is not None and (not isinstance(id_field, str) or not id_field):
@@ -144,7 +259,8 @@ class Corpus:
         return n
 
     def fingerprint(self) -> dict[str, Any]:
-        """Size and sha256 of the first and last MiB: enough to tell a resumed run the input changed."""
+        """Size and sha256 of the first and last MiB: a quick check that every process (and a resumed run)
+        sees the same file. What a resume depends on is checked in full by :meth:`input_hash`."""
         h = hashlib.sha256()
         with open(self.path, "rb") as fh:
             h.update(fh.read(_READ_CHUNK))
@@ -158,17 +274,43 @@ class Corpus:
             "edges_sha256": h.hexdigest(),
         }
 
+    def start_hash(self, part: Part) -> InputHash:
+        """An empty :class:`InputHash` at the start of ``part``."""
+        return InputHash(part.start if self._parquet is not None else self._first_line_start(part))
+
+    def input_hash(self, part: Part, end: int) -> InputHash:
+        """The :class:`InputHash` :meth:`read` would have built from the start of ``part`` up to ``end`` (a
+        :attr:`Record.next_position`): reads that span of the input again, in full."""
+        h = self.start_hash(part)
+        if self._parquet is not None:
+            for _ in self._read_parquet(Part(part.start, end), part.start, h):
+                pass
+            return h
+        pos = h.position
+        with open(self.path, "rb") as fh:
+            fh.seek(pos)
+            while pos < end:
+                buf = fh.read(min(_READ_CHUNK, end - pos))
+                if not buf:
+                    break
+                pos += len(buf)
+                h.update(buf, pos)
+        return h
+
     # ----------------------------------------------------------------------------------------------
     # Reading
 
-    def read(self, part: Part, position: int | None = None, first_line: int = 1) -> Iterator[Record]:
+    def read(
+        self, part: Part, position: int | None = None, first_line: int = 1, hasher: InputHash | None = None
+    ) -> Iterator[Record]:
         """Records of ``part`` from ``position`` (a value of :attr:`Record.next_position`; default: the
-        part's start). ``first_line`` is the line number (row index for parquet) of the record there."""
+        part's start). ``first_line`` is the line number (row index for parquet) of the record there.
+        ``hasher`` (at ``position``) is fed what is read, up to the last record's next_position."""
         if self._parquet is not None:
-            yield from self._read_parquet(part, part.start if position is None else position)
+            yield from self._read_parquet(part, part.start if position is None else position, hasher)
         else:
             yield from self._read_lines(
-                part, self._first_line_start(part) if position is None else position, first_line
+                part, self._first_line_start(part) if position is None else position, first_line, hasher
             )
 
     def _first_line_start(self, part: Part) -> int:
@@ -182,34 +324,27 @@ class Corpus:
             fh.readline()
             return min(fh.tell(), part.end) if fh.tell() < self.size else part.end
 
-    def _read_lines(self, part: Part, pos: int, line: int) -> Iterator[Record]:
+    def _read_lines(self, part: Part, pos: int, line: int, hasher: InputHash | None) -> Iterator[Record]:
+        if pos >= part.end:
+            return
         with open(self.path, "rb") as fh:
             fh.seek(pos)
-            while pos < part.end:
-                raw = fh.readline()
-                if not raw:
-                    break
-                if pos == 0 and raw.startswith(_BOM):
-                    raw = raw[len(_BOM) :]
-                    pos += len(_BOM)
-                pos += len(raw)
-                raw = raw.removesuffix(b"\n").removesuffix(b"\r")
-                rec = self._line_record(raw, line, pos)
+            for raw, content, next_pos in _lines(fh, pos):
+                rec = self._line_record(content, line, next_pos)
+                if hasher is not None:
+                    hasher.update(raw, next_pos, record=rec is not None)
                 if rec is not None:
                     yield rec
                 line += 1
+                if next_pos >= part.end:
+                    break
+        if hasher is not None:
+            hasher.rollback()
 
-    def _line_record(self, raw: bytes, line: int, next_pos: int) -> Record | None:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            return Record(
-                line,
-                next_pos,
-                None,
-                None,
-                f"invalid UTF-8 at byte {e.start} of the line ({raw[e.start : e.start + 4]!r})",
-            )
+    def _line_record(self, content: bytes, line: int, next_pos: int) -> Record | None:
+        text, error = _decode(content)
+        if error is not None:
+            return Record(line, next_pos, None, None, error)
         if self.format == "txt":
             return Record(line, next_pos, line, text)
         if not text.strip():
@@ -218,6 +353,10 @@ class Corpus:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             return Record(line, next_pos, None, None, f"invalid JSON: {e.msg} at column {e.colno}")
+        except ValueError as e:  # an integer literal longer than int() parses (sys.get_int_max_str_digits())
+            return Record(line, next_pos, None, None, f"invalid JSON: {str(e).split(';')[0]}")
+        except RecursionError:
+            return Record(line, next_pos, None, None, "invalid JSON: nested too deeply to parse")
         if not isinstance(obj, dict):
             return Record(line, next_pos, None, None, f"expected a JSON object, got {type(obj).__name__}")
         return self._fields(obj, line, next_pos)
@@ -232,9 +371,8 @@ class Corpus:
             if err:
                 return Record(line, next_pos, None, None, err)
         if self.text_field not in obj:
-            return Record(
-                line, next_pos, rid, None, f"text field {self.text_field!r} is missing (fields: {sorted(obj)[:10]})"
-            )
+            fields = short_repr(sorted(obj)[:10])
+            return Record(line, next_pos, rid, None, f"text field {self.text_field!r} is missing (fields: {fields})")
         text = obj[self.text_field]
         if not isinstance(text, str):
             return Record(
@@ -242,7 +380,16 @@ class Corpus:
                 next_pos,
                 rid,
                 None,
-                f"text field {self.text_field!r} is {type(text).__name__} ({text!r:.60}), expected a string",
+                f"text field {self.text_field!r} is {type(text).__name__} ({short_repr(text)}), expected a string",
+            )
+        if m := _SURROGATE.search(text):
+            return Record(
+                line,
+                next_pos,
+                rid,
+                None,
+                f"text field {self.text_field!r} holds a lone surrogate ({m.group()!r} at character {m.start()}), "
+                "which is not text",
             )
         return Record(line, next_pos, rid, text)
 
@@ -275,7 +422,7 @@ class Corpus:
         if self._parquet.metadata.num_rows == 0:
             raise CorpusError(f"{self.path} has no rows: nothing to embed")
 
-    def _read_parquet(self, part: Part, pos: int) -> Iterator[Record]:
+    def _read_parquet(self, part: Part, pos: int, hasher: InputHash | None = None) -> Iterator[Record]:
         meta = self._parquet.metadata
         starts = [0]
         for g in range(meta.num_row_groups):
@@ -295,6 +442,8 @@ class Corpus:
                 if r >= part.end:
                     return
                 rid: str | int | None = r if ids is None else ids[k]
+                if hasher is not None:
+                    hasher.update(json.dumps([None if ids is None else rid, text]).encode() + b"\n", r + 1)
                 if rid is None:
                     yield Record(r, r + 1, None, None, f"id column {self.id_field!r} is null")
                 elif text is None:
@@ -314,6 +463,7 @@ def open_corpus(path: str | Path, *, text_field: str = "text", id_field: str | N
         (parquet).
 
     Raises:
-      CorpusError: the file is missing, empty, of an unknown format, or lacks a parquet column.
+      CorpusError: the file is missing, not a regular file, empty, of an unknown format, or lacks a parquet
+        column.
     """
     return Corpus(path, text_field=text_field, id_field=id_field)
