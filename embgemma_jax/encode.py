@@ -1,31 +1,31 @@
-"""The user-facing model: load, tokenize, batch, jit and encode, mirroring sentence-transformers."""
+"""EmbeddingGemma: the model users see, with the sentence-transformers encode API.
+
+A thin facade: it loads the checkpoint (:mod:`embgemma_jax.checkpoint`), prepares prompts
+(:mod:`embgemma_jax.prompts`) and hands the texts to its :class:`~embgemma_jax.engine.Engine`, which
+batches (:mod:`embgemma_jax.batching`), runs the jitted programs and returns NumPy arrays.
+"""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from embgemma_jax import sharding
+from embgemma_jax.batching import check_positive_int, check_truncate_dim
 from embgemma_jax.checkpoint.load import Checkpoint, load_checkpoint, save_converted
 from embgemma_jax.config import MATRYOSHKA_DIMS, EmbeddingGemmaConfig
-from embgemma_jax.model import EmbeddingGemmaModule, EncoderOutput, check_attention_impl, resolve_dtype
-from embgemma_jax.pooling import PoolingLike, as_pooling_spec, get_pooling
-from embgemma_jax.prompts import resolve_prompt, title_prompts
+from embgemma_jax.engine import Engine, finish
+from embgemma_jax.model import EncoderOutput, check_attention_impl, resolve_dtype
+from embgemma_jax.pooling import PoolingLike, as_pooling_spec, get_pooling, normalize_rows
+from embgemma_jax.prompts import prepare
 from embgemma_jax.quant import check_quantize, expand_quantized, is_quantized, quantizing_put
-from embgemma_jax.tokenizer import Tokenizer, check_texts
-
-if TYPE_CHECKING:
-    from embgemma_jax.research.variants import Intermediates
-
-# Sequence lengths are padded up to one of these (capped at max_seq_length), so a model compiles at most
-# len(BUCKETS) programs per batch size however many distinct lengths it sees.
-BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+from embgemma_jax.research.variants import Intermediates, embed_variants, inspect
+from embgemma_jax.tokenizer import Tokenizer
 
 
 def enable_compilation_cache(directory: str | Path) -> Path:
@@ -40,35 +40,6 @@ def enable_compilation_cache(directory: str | Path) -> Path:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
-
-
-def check_batching(batch_size: Any, token_budget: Any = None) -> None:
-    """Raises on a batch_size that is not a positive int, or a token_budget that is neither that nor None."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if token_budget is not None and (
-        not isinstance(token_budget, int) or isinstance(token_budget, bool) or token_budget < 1
-    ):
-        raise ValueError(f"token_budget must be a positive int or None, got {token_budget!r}")
-
-
-def bucket_lengths(max_len: int) -> tuple[int, ...]:
-    return tuple(sorted({b for b in BUCKETS if b < max_len} | {max_len}))
-
-
-def bucket_for(n: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    raise ValueError(f"sequence of {n} tokens is longer than the largest bucket {buckets[-1]}")
-
-
-def batch_rows(n: int, batch_size: int) -> int:
-    """Rows to pad a batch of n texts to: a power of two, at most batch_size (bounded compile count)."""
-    rows = 1
-    while rows < n:
-        rows *= 2
-    return min(rows, batch_size) if n <= batch_size else n
 
 
 class EmbeddingGemma:
@@ -94,12 +65,7 @@ class EmbeddingGemma:
             pad_id=self.config.pad_token_id,
         )
         get_pooling(self.config.pooling_mode)  # raises on a mode we do not implement
-        self.module = EmbeddingGemmaModule(self.config, self.dtype, self.attention_impl)
-        self._apply = jax.jit(self._forward, static_argnames=("return_hidden_states",))
-        self._shapes_lock = threading.Lock()
-        self.compiled_shapes: set[tuple[int, int]] = set()
-        # Data parallelism (see shard()): None runs every batch on the default device.
-        self.mesh: jax.sharding.Mesh | None = None
+        self.engine = Engine(self.config, self.dtype, self.attention_impl, self.tokenizer)
         self.fsdp = False
 
     # ------------------------------------------------------------------------------------------------
@@ -161,7 +127,7 @@ class EmbeddingGemma:
             ckpt.params = expand_quantized(ckpt.params)
         model = cls(ckpt, dtype=compute, attention_impl=attention_impl)
         if mesh is not None:
-            model.mesh, model.fsdp = mesh, fsdp
+            model.engine.mesh, model.fsdp = mesh, fsdp
         return model
 
     def shard(self, mesh: jax.sharding.Mesh | None = None, *, fsdp: bool = False) -> EmbeddingGemma:
@@ -175,7 +141,7 @@ class EmbeddingGemma:
         """
         mesh = sharding.make_mesh() if mesh is None else mesh
         self.params = sharding.shard_params(self.params, mesh, fsdp=fsdp)
-        self.mesh, self.fsdp = mesh, fsdp
+        self.engine.mesh, self.fsdp = mesh, fsdp
         return self
 
     @property
@@ -196,6 +162,16 @@ class EmbeddingGemma:
         )
         return save_converted(ckpt, out_dir)
 
+    @property
+    def mesh(self) -> jax.sharding.Mesh | None:
+        """The mesh batches are split over (see :meth:`shard`); None: one device."""
+        return self.engine.mesh
+
+    @property
+    def compiled_shapes(self) -> set[tuple[int, int]]:
+        """Every (rows, tokens) shape any of the model's programs was run with (see ``engine.compiled``)."""
+        return {shape for _, shape in self.engine.compiled}
+
     # ------------------------------------------------------------------------------------------------
     # Tokens and the forward pass
 
@@ -205,30 +181,7 @@ class EmbeddingGemma:
 
     def check_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> None:
         """Raises if any id is outside the embedding table (JAX gathers would clamp it silently)."""
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2:
-            raise ValueError(f"input_ids must be 2-D [batch, tokens], got shape {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise TypeError(f"input_ids must be integers, got {ids.dtype}")
-        if attention_mask is not None and np.shape(attention_mask) != ids.shape:
-            raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {ids.shape}")
-        if ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(
-                f"{ids.shape[1]} tokens exceed max_position_embeddings={self.config.max_position_embeddings}"
-            )
-        bad = (ids < 0) | (ids >= self.config.vocab_size)
-        if bad.any():
-            row, col = map(int, np.argwhere(bad)[0])
-            tok = int(ids[row, col])
-            raise ValueError(
-                f"token id {tok} ({self.tokenizer.id_to_piece(tok)!r}) at row {row}, position {col} is outside "
-                f"the embedding table [0, {self.config.vocab_size}); this token cannot be embedded by this model"
-            )
-
-    def _forward(self, params, input_ids, attention_mask, pool_mask, *, return_hidden_states=False) -> EncoderOutput:
-        return self.module.apply(
-            {"params": params}, input_ids, attention_mask, pool_mask, return_hidden_states=return_hidden_states
-        )
+        self.engine.check_ids(input_ids, attention_mask)
 
     def forward(
         self,
@@ -238,22 +191,10 @@ class EmbeddingGemma:
         *,
         return_hidden_states: bool = False,
     ) -> EncoderOutput:
-        """The jitted pipeline on already-tokenized, padded ids (checked on the host first)."""
-        self.check_ids(input_ids, attention_mask)
-        n = np.shape(input_ids)[0]
-        if self.mesh is not None:
-            # Rows padded to a multiple of the device count and split over the mesh; dropped again below.
-            ids, mask, pm = sharding.shard_batch(self.mesh, input_ids, attention_mask, pool_mask)
-        else:
-            ids = jnp.asarray(input_ids, jnp.int32)
-            mask = jnp.asarray(attention_mask, jnp.int32)
-            pm = None if pool_mask is None else jnp.asarray(pool_mask, jnp.int32)
-        with self._shapes_lock:
-            self.compiled_shapes.add(tuple(ids.shape))
-        out = self._apply(self.params, ids, mask, mask if pm is None else pm, return_hidden_states=return_hidden_states)
-        if ids.shape[0] == n:
-            return out
-        return jax.tree_util.tree_map(lambda x: x[:n], out)
+        """The jitted reference pipeline on already-tokenized, padded ids (checked on the host first)."""
+        return self.engine.run_forward(
+            self.params, input_ids, attention_mask, pool_mask, return_hidden_states=return_hidden_states
+        )
 
     # ------------------------------------------------------------------------------------------------
     # encode
@@ -270,6 +211,7 @@ class EmbeddingGemma:
         *,
         token_budget: int | None = None,
         prompts_per_text: Sequence[str] | None = None,
+        titles: str | Sequence[str | None] | None = None,
         pooling: PoolingLike = None,
         layers: int | Sequence[int] | None = None,
         include_prompt: bool | None = None,
@@ -283,7 +225,8 @@ class EmbeddingGemma:
           normalize_embeddings: L2-normalize after truncation.
           token_budget: throughput mode: pack each batch with up to this many padded tokens (rows x padded
             length, at most batch_size rows) instead of a fixed batch_size rows. Results are the same.
-          prompts_per_text: one prompt per text (used by encode_document with titles).
+          prompts_per_text: one prompt per text (instead of prompt/prompt_name).
+          titles: document titles, one per text (None for none): ``title: {title} | text: `` prompts.
           pooling: a pooling mode name ("mean", "cls", "lasttoken", "max", "mean_sqrt_len_tokens",
             "weightedmean"), a function ``fn(states [B, T, D], mask [B, T]) -> [B, D]``, or a
             :class:`~embgemma_jax.pooling.PoolingSpec` (layers, layer weights, head, ...). Default: the
@@ -292,130 +235,41 @@ class EmbeddingGemma:
             final-normed output; several are averaged) instead of the final states.
           include_prompt: False drops the prompt's tokens from the pool (default: the checkpoint's).
         """
-        if pooling is not None or layers is not None or include_prompt is not None or not self.config.include_prompt:
-            spec = as_pooling_spec(
-                pooling,
-                layers=layers,
-                include_prompt=include_prompt,
-                default_mode=self.config.pooling_mode,
-                default_include_prompt=self.config.include_prompt,
-            )
+        cfg = self.config
+        p = prepare(
+            sentences,
+            self.prompts,
+            prompt_name=prompt_name,
+            prompt=prompt,
+            default_prompt_name=self.default_prompt_name,
+            prompts_per_text=prompts_per_text,
+            titles=titles,
+        )
+        spec = as_pooling_spec(
+            pooling,
+            layers=layers,
+            include_prompt=include_prompt,
+            default_mode=cfg.pooling_mode,
+            default_include_prompt=cfg.include_prompt,
+        )
+        plan = spec.plan(cfg.num_layers, cfg.normalize)
+        if plan.head:
+            check_truncate_dim(truncate_dim, cfg.embedding_dim, _trained_dims(cfg.embedding_dim))
         else:
-            spec = None
-        if spec is not None or self.config.pooling_mode != "mean":
-            if truncate_dim is not None and (spec is None or spec.head):
-                self._check_truncate_dim(truncate_dim)
-            return self.embed_variants(
-                sentences,
-                {"embedding": spec},
-                prompt_name=prompt_name,
-                prompt=prompt,
-                prompts_per_text=prompts_per_text,
-                batch_size=batch_size,
-                truncate_dim=truncate_dim,
-                normalize_embeddings=normalize_embeddings,
-                show_progress_bar=show_progress_bar,
-                token_budget=token_budget,
-            )["embedding"]
-        single = isinstance(sentences, str)
-        texts = [sentences] if single else sentences
-        check_texts(texts)
-        check_batching(batch_size, token_budget)
-        dim = self._check_truncate_dim(truncate_dim)
-        if prompts_per_text is None:
-            p = resolve_prompt(self.prompts, prompt_name, prompt, self.default_prompt_name) or ""
-            full = [p + t for t in texts]
-        else:
-            full = [p + t for p, t in zip(prompts_per_text, texts, strict=True)]
-
-        out = np.empty((len(full), dim), dtype=np.float32)
-        for idx, emb in self._iter_embeddings(full, batch_size, show_progress_bar, token_budget):
-            out[idx] = emb[:, :dim]
-        if normalize_embeddings:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out[0] if single else out
-
-    def _check_truncate_dim(self, truncate_dim: int | None) -> int:
-        full = self.config.embedding_dim
-        if truncate_dim is None:
-            return full
-        if (
-            isinstance(truncate_dim, bool)
-            or not isinstance(truncate_dim, (int, np.integer))
-            or not 1 <= truncate_dim <= full
-        ):
-            trained = [d for d in MATRYOSHKA_DIMS if d <= full] if full == 768 else [full]
-            raise ValueError(
-                f"truncate_dim must be an int in [1, {full}] (trained Matryoshka dims: {trained}), got {truncate_dim!r}"
-            )
-        return int(truncate_dim)
-
-    def _plan_batches(
-        self, lengths: Sequence[int], batch_size: int, token_budget: int | None
-    ) -> list[tuple[np.ndarray, int, int]]:
-        """Groups texts (longest first) into batches: (indices, padded length, padded rows).
-
-        Each batch is padded to the bucket of its longest text. With ``token_budget`` a batch holds as many
-        texts as fit ``rows * padded_length <= token_budget`` (at most batch_size), so long texts go in
-        small batches and short ones in large batches; rows are padded to a power of two.
-        """
-        buckets = bucket_lengths(self.config.max_seq_length)
-        order = np.argsort([-n for n in lengths], kind="stable")
-        plan, i = [], 0
-        while i < len(order):
-            length = bucket_for(lengths[order[i]], buckets)
-            rows = batch_size if token_budget is None else max(1, min(batch_size, token_budget // length))
-            sel = order[i : i + rows]
-            plan.append((sel, length, batch_rows(len(sel), rows)))
-            i += len(sel)
-        return plan
-
-    def padded_batches(
-        self, texts: Sequence[str], batch_size: int, token_budget: int | None = None
-    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """Yields (input indices, padded batch) for texts that already carry their prompts.
-
-        Texts are tokenized a bounded window at a time (memory does not grow with the input) and grouped
-        by :meth:`_plan_batches`; each batch holds empty padding rows after the ``len(indices)`` real ones.
-        """
-        window = max(batch_size * 16, 256 if token_budget is None else 4 * token_budget // 16)
-        for start in range(0, len(texts), window):
-            ids = self.tokenizer.encode(texts[start : start + window])
-            for sel, length, n_rows in self._plan_batches([len(x) for x in ids], batch_size, token_budget):
-                rows = [ids[i] for i in sel]
-                yield start + sel, self.tokenizer.pad(rows + [[]] * (n_rows - len(rows)), length)
-
-    def _iter_embeddings(
-        self, texts: Sequence[str], batch_size: int, show_progress_bar: bool | None, token_budget: int | None = None
-    ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-        """Yields (input indices, embeddings) batch by batch.
-
-        The next batch is dispatched before the previous result is read back, so the host pads and
-        tokenizes while the device computes.
-        """
-        bar = None
-        if show_progress_bar:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(texts), desc="encode", unit="text")
-        pending: list[tuple[np.ndarray, jax.Array]] = []
-
-        def collect() -> tuple[np.ndarray, np.ndarray]:
-            idx, emb = pending.pop(0)
-            out = np.asarray(emb[: len(idx)], dtype=np.float32)
-            if bar is not None:
-                bar.update(len(idx))
-            return idx, out
-
-        for idx, batch in self.padded_batches(texts, batch_size, token_budget):
-            emb = self.forward(batch["input_ids"], batch["attention_mask"]).embeddings  # dispatched async
-            pending.append((idx, emb))
-            if len(pending) > 1:
-                yield collect()
-        while pending:
-            yield collect()
-        if bar is not None:
-            bar.close()
+            check_positive_int(truncate_dim, "truncate_dim", optional=True)
+        out = self.engine.embed(
+            self.params,
+            p.texts,
+            {"embedding": plan},
+            prompts=p.prompts,
+            batch_size=batch_size,
+            token_budget=token_budget,
+            progress=show_progress_bar,
+        )["embedding"]
+        if truncate_dim is not None and truncate_dim > out.shape[1]:
+            raise ValueError(f"truncate_dim={truncate_dim} exceeds the pooled width {out.shape[1]}")
+        out = finish(out, truncate_dim, normalize_embeddings)
+        return out[0] if p.single else out
 
     def encode_query(self, sentences: str | Sequence[str], **kwargs: Any) -> np.ndarray:
         """encode with the "query" prompt unless a prompt or prompt_name is given."""
@@ -428,10 +282,7 @@ class EmbeddingGemma:
     ) -> np.ndarray:
         """encode with the "document" prompt, or with ``title: {title} | text: `` per text when titles are given."""
         if titles is not None:
-            if kwargs.get("prompt_name") is not None or kwargs.get("prompt") is not None:
-                raise ValueError("pass either titles or prompt/prompt_name to encode_document, not both")
-            n = 1 if isinstance(sentences, str) else len(sentences)
-            return self.encode(sentences, prompts_per_text=title_prompts(titles, n), **kwargs)
+            return self.encode(sentences, titles=titles, **kwargs)
         if kwargs.get("prompt_name") is None and kwargs.get("prompt") is None and "document" in self.prompts:
             kwargs["prompt_name"] = "document"
         return self.encode(sentences, **kwargs)
@@ -440,33 +291,27 @@ class EmbeddingGemma:
     # Research surface (see embgemma_jax.research)
 
     def embed_variants(
-        self, sentences: str | Sequence[str], variants: dict[str, PoolingLike], **kwargs: Any
+        self, sentences: str | Sequence[str], variants: Mapping[str, PoolingLike], **kwargs: Any
     ) -> dict[str, np.ndarray]:
         """Embeds texts under several pooling variants (name -> mode, function or PoolingSpec) with one
         encoder pass per batch. Keyword arguments as :meth:`encode`. Returns name -> [N, width]."""
-        from embgemma_jax.research.variants import embed_variants
-
         return embed_variants(self, sentences, variants, **kwargs)
 
     def inspect(self, sentences: str | Sequence[str], **kwargs: Any) -> Intermediates:
         """Intermediates of the reference pipeline on one batch: per-layer residual streams, final states,
         pooled and dense outputs, attention probabilities of chosen layers (NaN at padding). Keyword
         arguments: prompt_name, prompt, titles, capture (a :class:`~embgemma_jax.research.Capture`),
-        mark_padding; see :func:`embgemma_jax.research.inspect`."""
-        from embgemma_jax.research.variants import inspect
-
+        mark_padding; see :func:`embgemma_jax.research.variants.inspect`."""
         return inspect(self, sentences, **kwargs)
 
     @staticmethod
     def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Cosine similarity matrix [len(a), len(b)] (the model's similarity function)."""
-        a = np.atleast_2d(np.asarray(a, dtype=np.float32))
-        b = np.atleast_2d(np.asarray(b, dtype=np.float32))
+        a = np.atleast_2d(np.array(a, dtype=np.float32))
+        b = np.atleast_2d(np.array(b, dtype=np.float32))
         if a.shape[-1] != b.shape[-1]:
             raise ValueError(f"embedding widths differ: {a.shape[-1]} vs {b.shape[-1]}")
-        a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-        b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
-        return a @ b.T
+        return normalize_rows(a) @ normalize_rows(b).T
 
     def get_sentence_embedding_dimension(self) -> int:
         return self.config.embedding_dim
@@ -475,3 +320,7 @@ class EmbeddingGemma:
         return (
             f"EmbeddingGemma(source={str(self.source)!r}, dtype={self.dtype.name}, params={self.config.num_params():,})"
         )
+
+
+def _trained_dims(full: int) -> tuple[int, ...]:
+    return tuple(d for d in MATRYOSHKA_DIMS if d <= full) if full == 768 else (full,)

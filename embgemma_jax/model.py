@@ -27,6 +27,7 @@ import numpy as np
 
 from embgemma_jax.config import SLIDING, EmbeddingGemmaConfig
 from embgemma_jax.masks import BandedMask, attention_mask, banded_mask, use_banded
+from embgemma_jax.pooling import l2_normalize, mean_pool
 
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 # Sliding-layer attention: "dense" masks a full [T, T] score matrix, "banded" computes query blocks against
@@ -271,19 +272,6 @@ class Encoder(nn.Module):
         return x, (tuple(states) if states is not None else None)
 
 
-def mean_pool(states: jax.Array, mask: jax.Array) -> jax.Array:
-    """Masked mean over tokens, as sentence-transformers: sum(states * m) / clamp(sum(m), 1e-9)."""
-    m = mask.astype(states.dtype)[..., None]
-    summed = jnp.sum(jnp.where(m > 0, states, 0), axis=1)
-    return summed / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps) along the last axis, as torch.nn.functional.normalize."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
-    return (x.astype(jnp.float32) / jnp.maximum(norm, eps)).astype(x.dtype)
-
-
 class DenseHead(nn.Module):
     """Pooled [B, D] -> [B, E]: the sentence-transformers Dense modules (no bias, identity activation)."""
 
@@ -301,10 +289,13 @@ class DenseHead(nn.Module):
 
 
 class EmbeddingGemmaModule(nn.Module):
-    """The whole pipeline: ids -> encoder -> masked mean pool -> dense head -> L2 normalize.
+    """The reference pipeline: ids -> encoder -> masked mean pool -> dense head -> L2 normalize (if the
+    config normalizes).
 
-    ``pool_mask`` is the mask used for pooling (it differs from ``attention_mask`` only when prompt tokens
-    are excluded from the pool); it defaults to ``attention_mask``.
+    It always pools with the mean (``pooling.mean_pool``, float32 sums as the reference), whatever
+    ``config.pooling_mode`` says: the engine runs other modes, layers and prompt handling as pooling
+    variants over the encoder's states. ``pool_mask`` is the mask used for pooling (it differs from
+    ``attention_mask`` only when prompt tokens are excluded from the pool); it defaults to ``attention_mask``.
     """
 
     config: EmbeddingGemmaConfig

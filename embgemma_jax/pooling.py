@@ -120,6 +120,20 @@ def get_pooling(name: str) -> Callable[..., jax.Array]:
     return POOLING_MODES[name]
 
 
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps) along the last axis (in float32, cast back), as torch.nn.functional.normalize."""
+    xf = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(xf), axis=-1, keepdims=True))
+    return (xf / jnp.maximum(norm, eps)).astype(x.dtype)
+
+
+def normalize_rows(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """NumPy rows divided by max(||row||, eps), in place for float32 arrays (returns x)."""
+    x = np.asarray(x, dtype=np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+    return x
+
+
 def pool(
     states: jax.Array,
     mask: jax.Array,
@@ -140,45 +154,6 @@ def pool(
     modes = (mode,) if isinstance(mode, str) else tuple(mode)
     outs = [get_pooling(m)(states, mask, attention_mask) for m in modes]
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Prompt exclusion
-
-
-def prompt_length(tokenizer: Any, prompt: str | None) -> int:
-    """Tokens a prompt occupies at the start of ``prompt + text``, measured as sentence-transformers does.
-
-    The prompt is tokenized alone (BOS + pieces + EOS, truncated to the model's length); a trailing
-    special token is not counted. An empty or missing prompt has length 0 (nothing is excluded, not even
-    BOS), again as the reference.
-    """
-    if not prompt:
-        return 0
-    ids = tokenizer.encode([prompt])[0]
-    special = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, int(tokenizer.sp.unk_id())}
-    special |= {t.id for t in tokenizer.added_tokens if t.special}
-    n = len(ids)
-    if ids and ids[-1] in special:
-        n -= 1
-    return n
-
-
-def exclude_prompt(attention_mask: Any, prompt_lengths: int | Sequence[int] | np.ndarray) -> np.ndarray:
-    """The pool mask: ``attention_mask`` with each row's first ``prompt_length`` real positions zeroed.
-
-    As sentence-transformers, positions before ``first_real_token + prompt_length`` are removed (with
-    right padding the first real token is at 0). ``prompt_lengths`` is one int or one per row.
-    """
-    m = np.asarray(attention_mask)
-    if m.ndim != 2:
-        raise ValueError(f"attention_mask must be 2-D [batch, tokens], got shape {m.shape}")
-    pl = np.broadcast_to(np.asarray(prompt_lengths, dtype=np.int64), (m.shape[0],))
-    if (pl < 0).any():
-        raise ValueError(f"prompt lengths must be >= 0, got {pl.tolist()}")
-    first = np.argmax(m.astype(np.int32), axis=1)
-    keep = np.arange(m.shape[1])[None, :] >= (first + pl)[:, None]
-    return (m * keep).astype(m.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,17 +249,31 @@ class PoolingSpec:
         weights = self.layer_weights or tuple(1.0 / len(out) for _ in out)
         return tuple(out), weights
 
-    @property
-    def is_reference(self) -> bool:
-        """True for the reference pipeline (mean of the final-normed states, prompt included, dense head)."""
-        return (
-            self.mode == "mean"
-            and self.include_prompt
-            and self.layers in (None, (-1,))
-            and self.layer_weights in (None, (1.0,))
-            and self.head
-            and self.normalize is None
+    def plan(self, num_layers: int, checkpoint_normalize: bool) -> PoolingPlan:
+        """This spec resolved against a model: the static description the pooling program compiles for."""
+        layers, weights = self.resolve_layers(num_layers)
+        return PoolingPlan(
+            mode=self.mode,
+            include_prompt=self.include_prompt,
+            layers=layers,
+            weights=weights,
+            norm_layer=tuple(self.final_norm and i < num_layers for i in layers),
+            head=self.head,
+            normalize=self.normalize if self.normalize is not None else (checkpoint_normalize and self.head),
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolingPlan:
+    """A :class:`PoolingSpec` resolved against a model (hashable: a static input of the pooling program)."""
+
+    mode: str | tuple[str, ...] | PoolFn
+    include_prompt: bool
+    layers: tuple[int, ...]  # non-negative hidden-state indices, num_layers = final-normed states
+    weights: tuple[float, ...]
+    norm_layer: tuple[bool, ...]  # apply the final norm to this selected layer
+    head: bool
+    normalize: bool
 
 
 PoolingLike = str | Sequence[str] | PoolFn | PoolingSpec | None

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from embgemma_jax import EmbeddingGemma
-from embgemma_jax.encode import bucket_lengths
+from embgemma_jax.batching import bucket_lengths
 from tests.conftest import F32_ATOL
 
 TEXTS = ["Which planet is known as the Red Planet?", "Venus is often called Earth's twin.", "Mars", ""]
@@ -98,7 +98,7 @@ def test_inside_jit_a_bad_id_poisons_instead_of_clamping(jax_model):
     import jax.numpy as jnp
 
     ids = jnp.array([[2, 600, 1]], jnp.int32)
-    out = jax_model._apply(jax_model.params, ids, jnp.ones_like(ids), jnp.ones_like(ids))
+    out = jax_model.engine.forward(jax_model.params, ids, jnp.ones_like(ids), jnp.ones_like(ids))
     assert np.isnan(np.asarray(out.embeddings)).all()
 
 
@@ -113,4 +113,4 @@ def test_bucketing_bounds_compiles(tiny_ckpt):
 
 
 def jax_cache_size(model) -> int:
-    return model._apply._cache_size()
+    return model.engine.forward._cache_size()

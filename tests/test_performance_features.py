@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from embgemma_jax import EmbeddingGemma
+from embgemma_jax.batching import plan_batches
 from embgemma_jax.quant import quantize_matrix, quantize_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +35,9 @@ def test_token_budget_gives_the_same_embeddings(jax_model):
 
 def test_token_budget_plan_respects_budget(jax_model):
     lengths = [len(x) for x in jax_model.tokenizer.encode(TEXTS)]
-    plan = jax_model._plan_batches(lengths, 64, 128)
-    assert sorted(i for sel, _, _ in plan for i in sel) == list(range(len(TEXTS)))
-    for sel, length, rows in plan:
+    plan = plan_batches(lengths, 64, 128, jax_model.config.max_seq_length)
+    assert sorted(i for b in plan for i in b.indices) == list(range(len(TEXTS)))
+    for sel, length, rows in ((b.indices, b.length, b.rows) for b in plan):
         assert max(lengths[i] for i in sel) <= length
         assert len(sel) == 1 or len(sel) * length <= 128
         assert rows >= len(sel)
@@ -77,6 +78,7 @@ from jax import monitoring
 events = []
 monitoring.register_event_listener(lambda name, **kw: events.append(name))
 from embgemma_jax import EmbeddingGemma
+from embgemma_jax.batching import plan_batches
 m = EmbeddingGemma.from_pretrained({str(tiny_ckpt)!r}, compilation_cache_dir={str(tmp_path / "cache")!r})
 m.encode(["one text", "and another one"])
 print(json.dumps({{"hits": events.count("/jax/compilation_cache/cache_hits"),

@@ -13,11 +13,10 @@ from embgemma_jax import EmbeddingGemma
 from embgemma_jax.pooling import (
     POOLING_MODES,
     PoolingSpec,
-    exclude_prompt,
     get_pooling,
     pool,
-    prompt_length,
 )
+from embgemma_jax.prompts import exclude_prompt, prompt_length
 from tests.conftest import F32_ATOL
 
 MODES = list(POOLING_MODES)
@@ -158,3 +157,16 @@ def test_errors_name_the_problem(jax_model):
         jax_model.encode(["x"], pooling=("mean", "max"))
     with pytest.raises(ValueError, match="prompt lengths must be >= 0"):
         exclude_prompt(np.ones((1, 3)), -1)
+
+
+def test_one_mean_pool_in_bfloat16(tiny_ckpt):
+    """encode() (the fused reference program) and encode(pooling=...) through the variant loop use the same
+    mean pool (float32 sums, as the reference): identical bfloat16 vectors, not merely close ones."""
+    from embgemma_jax import EmbeddingGemma
+
+    model = EmbeddingGemma.from_pretrained(tiny_ckpt, dtype="bfloat16")
+    texts = ["hello world", "a much longer text that spans several buckets " * 6, "x"]
+    ref = model.encode(texts)
+    np.testing.assert_array_equal(model.encode(texts, pooling="mean"), ref)
+    np.testing.assert_array_equal(model.encode(texts, pooling=("mean",)), ref)  # the pool + head program
+    np.testing.assert_array_equal(model.embed_variants(texts, {"m": PoolingSpec("mean", layers=-1)})["m"], ref)

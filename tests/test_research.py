@@ -9,7 +9,7 @@ import torch
 
 from embgemma_jax.pooling import PoolingSpec
 from embgemma_jax.research.oracle import oracle_forward
-from embgemma_jax.research.variants import Capture, runner
+from embgemma_jax.research.variants import Capture
 from tests.conftest import F32_ATOL
 
 TEXTS = [
@@ -68,7 +68,7 @@ def test_layer_variants_match_torch_hidden_states(st_model, jax_model):
         "embed_max": PoolingSpec("max", layers=0),
         "user": PoolingSpec(sum_over_ten, head=False),
     }
-    r = runner(jax_model)
+    r = jax_model.engine
     before = r.states._cache_size()
     got = jax_model.embed_variants(TEXTS, variants, prompt=PROMPT, batch_size=4)
     assert r.states._cache_size() - before == 1  # one encoder program (all layers) for all five variants
@@ -157,10 +157,10 @@ def test_capture_returns_only_what_is_asked(jax_model):
     probs_shape = (b, cfg.num_heads, t, t)
     stacked = (cfg.num_layers, b, t, cfg.hidden_size)
 
-    plain = _out_shapes(jax_model._apply, jax_model.params, ids, mask, mask)
+    plain = _out_shapes(jax_model.engine.forward, jax_model.params, ids, mask, mask)
     assert probs_shape not in plain and stacked not in plain and len(plain) == 3
 
-    r = runner(jax_model)
+    r = jax_model.engine
     one = _out_shapes(r.capture, jax_model.params, ids, mask, mask, capture=Capture(False, (2,)))
     assert one.count(probs_shape) == 1 and stacked not in one
     full = _out_shapes(r.capture, jax_model.params, ids, mask, mask, capture=Capture(True, ()))

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embgemma_jax.pooling import normalize_rows
+
 if TYPE_CHECKING:
     from embgemma_jax.encode import EmbeddingGemma
 
@@ -349,16 +351,15 @@ class MTEBEncoder:
         if not texts:
             return np.zeros((0, self.model.get_sentence_embedding_dimension()), dtype=np.float32)
         ptype = _prompt_type_value(prompt_type)
-        saved = self.model.prompts
-        self.model.prompts = self.model_prompts  # encode_query/encode_document fall back to this table
-        try:
-            if ptype == "query":
-                return self.model.encode_query(texts, prompt=prompt, **kw)
-            if ptype == "document":
-                return self.model.encode_document(texts, prompt=prompt, **kw)
-            return self.model.encode(texts, prompt=prompt, **kw)
-        finally:
-            self.model.prompts = saved
+        if prompt is None and ptype in ("query", "document"):
+            # encode_query / encode_document would fall back to the model's table: resolve the prompt from this
+            # encoder's table here instead ("" for none), so the shared model is never modified
+            prompt = self.model_prompts.get(ptype, "")
+        if ptype == "query":
+            return self.model.encode_query(texts, prompt=prompt, **kw)
+        if ptype == "document":
+            return self.model.encode_document(texts, prompt=prompt, **kw)
+        return self.model.encode(texts, prompt=prompt, **kw)
 
     def similarity(self, embeddings1: Any, embeddings2: Any) -> np.ndarray:
         """Cosine similarity matrix (the model's similarity function)."""
@@ -370,9 +371,7 @@ class MTEBEncoder:
         b = np.atleast_2d(np.asarray(embeddings2, dtype=np.float32))
         if a.shape != b.shape:
             raise ValueError(f"pairwise similarity needs equal shapes, got {a.shape} and {b.shape}")
-        a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-        b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
-        return np.sum(a * b, axis=-1)
+        return np.sum(normalize_rows(a) * normalize_rows(b), axis=-1)
 
     @property
     def mteb_model_meta(self) -> Any:

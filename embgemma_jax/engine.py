@@ -1,0 +1,342 @@
+"""The engine: every jitted program of one model, and the one loop that feeds them.
+
+Programs (each compiled once per input shape; :attr:`Engine.compiled` records every program and shape):
+
+  * ``forward``: the reference pipeline fused in one program (encoder, mean pool, dense head, L2 norm).
+  * ``states``: the encoder alone, returning the final states or all ``num_layers + 1`` hidden states.
+  * ``pool_head``: one pooling variant (:class:`~embgemma_jax.pooling.PoolingPlan`) over selected states.
+  * ``capture``: the reference pipeline returning the intermediates a :class:`Capture` asks for.
+
+:meth:`Engine.embed` is the one loop from prompted texts to vectors: the batch planner
+(:mod:`embgemma_jax.batching`) pads the texts into batches, each batch is checked (ids inside the
+table), placed (split over the mesh, rows padded to the device count) and dispatched; results are read
+back one batch behind, so the host tokenizes and pads while the device computes. The reference plan runs
+the fused ``forward`` program; any other plan runs ``states`` once per batch and ``pool_head`` per plan.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from embgemma_jax import batching, sharding
+from embgemma_jax.config import EmbeddingGemmaConfig
+from embgemma_jax.model import DenseHead, EmbeddingGemmaModule, Encoder, EncoderOutput, RMSNorm
+from embgemma_jax.pooling import PoolingPlan, PoolingSpec, l2_normalize, normalize_rows, pool
+from embgemma_jax.prompts import exclude_prompt, prompt_lengths
+from embgemma_jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Capture:
+    """Which intermediates ``inspect`` returns (embeddings, final states, pooled and dense outputs
+    always come back; they cost nothing extra).
+
+    Attributes:
+      residuals: the residual stream after each attention block and after each MLP block (the latter is
+        the layer's output), as [num_layers, B, T, D] arrays.
+      attention_layers: layers whose attention probabilities [B, N, T, S] to return (negative indices
+        count from the end). Other layers' probabilities are not returned.
+    """
+
+    residuals: bool = True
+    attention_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        layers = self.attention_layers
+        if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
+            layers = (int(layers),)
+        if not isinstance(layers, (tuple, list, range)) or not all(
+            isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in layers
+        ):
+            raise TypeError(f"attention_layers must be an int or a sequence of ints, got {self.attention_layers!r}")
+        object.__setattr__(self, "attention_layers", tuple(int(i) for i in layers))
+        if not isinstance(self.residuals, bool):
+            raise TypeError(f"residuals must be a bool, got {self.residuals!r}")
+
+    def resolve(self, num_layers: int) -> Capture:
+        out = []
+        for i in self.attention_layers:
+            j = i + num_layers if i < 0 else i
+            if not 0 <= j < num_layers:
+                raise ValueError(
+                    f"attention layer {i} is out of range: this model has layers 0..{num_layers - 1} "
+                    f"(negative indices from -{num_layers})"
+                )
+            out.append(j)
+        return Capture(self.residuals, tuple(sorted(set(out))))
+
+
+def progress_bar(total: int, desc: str, enabled: bool | None) -> Any:
+    """A tqdm bar on stderr when ``enabled``, else None."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="text")
+
+
+def finish(x: np.ndarray, dim: int | None, normalize: bool) -> np.ndarray:
+    """The one truncate/normalize step: keep the first ``dim`` columns, then L2-normalize if asked."""
+    x = np.ascontiguousarray(x[:, :dim], dtype=np.float32) if dim is not None and dim < x.shape[1] else x
+    return normalize_rows(x) if normalize else x
+
+
+def _padded(values: np.ndarray, rows: int) -> np.ndarray:
+    """Per-text values extended with zeros for a batch's padding rows."""
+    out = np.zeros(rows, dtype=values.dtype)
+    out[: len(values)] = values
+    return out
+
+
+class Engine:
+    """The jitted programs of one model (their compile caches live as long as the engine).
+
+    Args:
+      config: the model's config.
+      dtype: compute dtype (float32 or bfloat16).
+      attention_impl: sliding-window attention ("auto", "dense" or "banded").
+      tokenizer: the model's tokenizer (batching and error messages).
+    """
+
+    def __init__(self, config: EmbeddingGemmaConfig, dtype: jnp.dtype, attention_impl: str, tokenizer: Tokenizer):
+        self.config, self.dtype, self.attention_impl, self.tokenizer = config, dtype, attention_impl, tokenizer
+        self.module = EmbeddingGemmaModule(config, dtype, attention_impl)
+        # Attention probabilities exist as full [T, S] matrices only in the dense sliding-window form; the
+        # banded form computes the same per-query softmax on key blocks. Capturing them runs the dense form.
+        self.dense_module = EmbeddingGemmaModule(config, dtype, "dense")
+        self.encoder = Encoder(config, dtype, attention_impl)
+        self.reference_plan = PoolingSpec("mean", config.include_prompt).plan(config.num_layers, config.normalize)
+        self.mesh: jax.sharding.Mesh | None = None  # None: every batch on the default device
+        self.forward = jax.jit(self._forward, static_argnames=("return_hidden_states",))
+        self.states = jax.jit(self._states, static_argnames=("all_layers",))
+        self.pool_head = jax.jit(self._pool_head, static_argnames=("plan",))
+        self.capture = jax.jit(self._capture, static_argnames=("capture",))
+        self._lock = threading.Lock()
+        self.compiled: set[tuple[str, tuple[int, int]]] = set()  # (program, (rows, tokens)) seen so far
+
+    # ------------------------------------------------------------------------------------------------
+    # The programs
+
+    def _forward(self, params, ids, mask, pool_mask, *, return_hidden_states=False) -> EncoderOutput:
+        return self.module.apply({"params": params}, ids, mask, pool_mask, return_hidden_states=return_hidden_states)
+
+    def _states(self, enc_params, ids, mask, *, all_layers: bool) -> tuple[jax.Array, ...]:
+        last, hidden = self.encoder.apply({"params": enc_params}, ids, mask, return_hidden_states=all_layers)
+        return hidden if all_layers else (last,)
+
+    def _pool_head(self, params, selected, attention_mask, pool_mask, *, plan: PoolingPlan):
+        cfg, dt = self.config, self.dtype
+        states = []
+        for x, norm in zip(selected, plan.norm_layer, strict=True):
+            if norm:
+                x = RMSNorm(cfg.rms_norm_eps).apply({"params": params["final_norm"]}, x)
+            states.append(x)
+        if len(states) == 1 and plan.weights == (1.0,):
+            combined = states[0]
+        else:
+            acc = jnp.float32
+            combined = sum(jnp.asarray(w, acc) * s.astype(acc) for w, s in zip(plan.weights, states, strict=True))
+            combined = combined.astype(dt)
+        pooled = pool(combined, pool_mask, plan.mode, attention_mask)
+        if pooled.ndim != 2 or pooled.shape[0] != combined.shape[0]:
+            raise ValueError(f"pooling must return [batch, features]; got shape {pooled.shape}")
+        dense: tuple[jax.Array, ...] = ()
+        out = pooled
+        if plan.head:
+            if pooled.shape[-1] != cfg.hidden_size:
+                raise ValueError(
+                    f"the pooled vector has width {pooled.shape[-1]} but the dense head expects {cfg.hidden_size}; "
+                    "pass head=False in the PoolingSpec to get pooled vectors of another width"
+                )
+            out, state = DenseHead(cfg.dense_features, dt).apply(
+                {"params": params["head"]}, pooled.astype(dt), mutable=["intermediates"]
+            )
+            dense = tuple(state["intermediates"].get("dense_outputs", ()))
+        if plan.normalize:
+            out = l2_normalize(out)
+        return pooled, dense, out
+
+    def _capture(self, params, ids, mask, pool_mask, *, capture: Capture) -> dict[str, Any]:
+        module = self.dense_module if capture.attention_layers else self.module
+        out, state = module.apply({"params": params}, ids, mask, pool_mask, mutable=["intermediates"])
+        inter = state["intermediates"]
+        enc = inter["encoder"]
+        n = self.config.num_layers
+        result: dict[str, Any] = {
+            "embeddings": enc["embeddings"][0],
+            "final_normed": out.last_hidden_state,
+            "pooled": out.pooled,
+            "dense_outputs": tuple(inter["head"]["dense_outputs"]),
+            "embedding": out.embeddings,
+        }
+        if capture.residuals:
+            result["after_attention"] = jnp.stack([enc[f"layer_{i}"]["after_attention"][0] for i in range(n)])
+            result["layer_outputs"] = jnp.stack(enc["layer_outputs"])
+        probs = {}
+        for i in capture.attention_layers:
+            try:
+                probs[i] = enc[f"layer_{i}"]["attn"]["attention_probs"][0]
+            except KeyError as e:
+                raise RuntimeError(
+                    f"layer {i}'s attention did not record its probabilities (no 'attention_probs' sow in "
+                    "model.Attention); attention capture needs it"
+                ) from e
+        result["attention_probs"] = probs
+        return result
+
+    # ------------------------------------------------------------------------------------------------
+    # Checking and placing a batch
+
+    def check_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> None:
+        """Raises if any id is outside the embedding table (JAX gathers would clamp it silently)."""
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be 2-D [batch, tokens], got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"input_ids must be integers, got {ids.dtype}")
+        if attention_mask is not None and np.shape(attention_mask) != ids.shape:
+            raise ValueError(f"attention_mask shape {np.shape(attention_mask)} != input_ids shape {ids.shape}")
+        if ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"{ids.shape[1]} tokens exceed max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        bad = (ids < 0) | (ids >= self.config.vocab_size)
+        if bad.any():
+            row, col = map(int, np.argwhere(bad)[0])
+            tok = int(ids[row, col])
+            raise ValueError(
+                f"token id {tok} ({self.tokenizer.id_to_piece(tok)!r}) at row {row}, position {col} is outside "
+                f"the embedding table [0, {self.config.vocab_size}); this token cannot be embedded by this model"
+            )
+
+    def place(self, program: str, *arrays: np.ndarray | None, split: bool = True) -> list[jax.Array | None]:
+        """Checked host arrays [B, T] -> device arrays (with a mesh and ``split``, rows padded to a multiple of
+        the mesh's devices and split over it), recording the program and shape in :attr:`compiled`."""
+        if self.mesh is not None and split:
+            out = sharding.shard_batch(self.mesh, *arrays)
+        else:
+            out = [None if a is None else jnp.asarray(a, jnp.int32) for a in arrays]
+        with self._lock:
+            self.compiled.add((program, tuple(out[0].shape)))
+        return out
+
+    def run_capture(self, params: Any, ids: np.ndarray, mask: np.ndarray, pool_mask: np.ndarray, capture: Capture):
+        """The capture program on one checked batch (not split over the mesh); NumPy float32 results."""
+        self.check_ids(ids, mask)
+        res = self.capture(params, *self.place("capture", ids, mask, pool_mask, split=False), capture=capture)
+        return jax.tree_util.tree_map(lambda x: np.asarray(x.astype(jnp.float32)), res)
+
+    def run_forward(
+        self,
+        params: Any,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        pool_mask: np.ndarray | None = None,
+        *,
+        return_hidden_states: bool = False,
+    ) -> EncoderOutput:
+        """The fused reference program on already-tokenized, padded ids (checked on the host first)."""
+        self.check_ids(input_ids, attention_mask)
+        n = np.shape(input_ids)[0]
+        ids, mask, pm = self.place("forward", input_ids, attention_mask, pool_mask)
+        out = self.forward(params, ids, mask, mask if pm is None else pm, return_hidden_states=return_hidden_states)
+        return out if ids.shape[0] == n else jax.tree_util.tree_map(lambda x: x[:n], out)
+
+    # ------------------------------------------------------------------------------------------------
+    # The loop
+
+    @staticmethod
+    def dispatch_ahead(
+        batches: Iterable[tuple[np.ndarray, Any]], dispatch: Callable[[np.ndarray, Any], Any]
+    ) -> Iterator[tuple[np.ndarray, Any]]:
+        """Yields (indices, NumPy results) per batch; each batch is dispatched before the previous one's
+        results are read back, so the host prepares the next batch while the device computes."""
+        pending: collections.deque[tuple[np.ndarray, Any]] = collections.deque()
+
+        def read() -> tuple[np.ndarray, Any]:
+            idx, out = pending.popleft()
+            return idx, jax.tree_util.tree_map(lambda x: np.asarray(x[: len(idx)], dtype=np.float32), out)
+
+        for idx, batch in batches:
+            pending.append((idx, dispatch(idx, batch)))
+            if len(pending) > 1:
+                yield read()
+        while pending:
+            yield read()
+
+    def embed(
+        self,
+        params: Any,
+        texts: Sequence[str],
+        plans: Mapping[str, PoolingPlan],
+        *,
+        prompts: Sequence[str] | None = None,
+        batch_size: int = 32,
+        token_budget: int | None = None,
+        progress: bool | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Embeds prompted texts under each plan. Returns name -> float32 [N, width] in input order.
+
+        Args:
+          params: the model's parameters.
+          texts: texts with their prompts in front (see :func:`embgemma_jax.prompts.prepare`).
+          plans: name -> pooling plan; ``{name: self.reference_plan}`` runs the fused reference program.
+          prompts: each text's prompt, needed when a plan excludes the prompt from the pool.
+          batch_size, token_budget: see :func:`embgemma_jax.batching.plan_batches`.
+          progress: show a progress bar.
+        """
+        batching.check_batching(batch_size, token_budget)
+        cfg = self.config
+        lengths = None
+        if any(not p.include_prompt for p in plans.values()):
+            if prompts is None:
+                raise ValueError("a plan that excludes the prompt needs each text's prompt")
+            lengths = prompt_lengths(self.tokenizer, prompts)
+        fused = all(p == self.reference_plan for p in plans.values())
+        all_layers = any(p.layers != (cfg.num_layers,) for p in plans.values())
+        enc_params = params["encoder"]
+        pool_params = {"final_norm": params["encoder"]["final_norm"], "head": params["head"]}
+
+        def dispatch(idx: np.ndarray, b: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+            ids, mask = b["input_ids"], b["attention_mask"]
+            self.check_ids(ids, mask)
+            without = None if lengths is None else exclude_prompt(mask, _padded(lengths[idx], len(ids)))
+            if fused:
+                d_ids, d_mask = self.place("forward", ids, mask)
+                emb = self.forward(params, d_ids, d_mask, d_mask).embeddings
+                return dict.fromkeys(plans, emb)
+            d_ids, d_mask, d_without = self.place("states", ids, mask, without)
+            states = self.states(enc_params, d_ids, d_mask, all_layers=all_layers)
+            out = {}
+            for name, plan in plans.items():
+                selected = tuple(states[i] if all_layers else states[0] for i in plan.layers)
+                pm = d_mask if plan.include_prompt else d_without
+                out[name] = self.pool_head(pool_params, selected, d_mask, pm, plan=plan)[2]
+            return out
+
+        bar = progress_bar(len(texts), "encode", progress)
+        out: dict[str, np.ndarray] = {}
+        batches = batching.padded_batches(self.tokenizer, texts, batch_size, token_budget)
+        try:
+            for idx, result in self.dispatch_ahead(batches, dispatch):
+                for name, emb in result.items():
+                    if name not in out:
+                        out[name] = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
+                    out[name][idx] = emb
+                if bar is not None:
+                    bar.update(len(idx))
+        finally:
+            if bar is not None:
+                bar.close()
+        if not texts:  # no batch ran: widths from the plans (the dense head's, or the hidden size)
+            for name, plan in plans.items():
+                out[name] = np.empty((0, cfg.embedding_dim if plan.head else cfg.hidden_size), np.float32)
+        return out
