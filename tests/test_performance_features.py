@@ -92,3 +92,15 @@ print(json.dumps({{"hits": events.count("/jax/compilation_cache/cache_hits"),
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     assert runs[0]["misses"] >= 1 and any((tmp_path / "cache").iterdir())
     assert runs[1]["hits"] >= 1 and runs[1]["misses"] == 0, runs
+
+
+def test_batches_are_bounded_whatever_the_caller_asks():
+    """batch_size=100000 (or a huge token budget) still plans device batches of at most MAX_BATCH_TOKENS
+    padded tokens, and every text is planned exactly once."""
+    from embgemma_jax.batching import MAX_BATCH_TOKENS
+
+    lengths = [5] * 30_000 + [700] * 300 + [2048] * 100
+    for budget in (None, 10**9):
+        plan = plan_batches(lengths, 100_000, budget, 2048)
+        assert sorted(i for b in plan for i in b.indices) == list(range(len(lengths)))
+        assert max(b.rows * b.length for b in plan) <= MAX_BATCH_TOKENS
