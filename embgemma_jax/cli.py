@@ -1,4 +1,10 @@
-"""Command line: ``embgemma-jax {embed,convert,...}``."""
+"""Command line: ``embgemma-jax {embed,embed-corpus,serve,convert,parity}``.
+
+Every subcommand checks its arguments, input files and output paths before it loads a model, and every
+error ends the process with one ``error: ...`` line (exit status 2) that names the argument or file, not
+with a traceback. The model options (:func:`add_model_options`) are the same for ``embed``,
+``embed-corpus`` and ``serve``, and map one to one onto :meth:`EmbeddingGemma.from_pretrained`.
+"""
 
 from __future__ import annotations
 
@@ -8,56 +14,176 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from embgemma_jax import __version__
+from embgemma_jax.model import ATTENTION_IMPLS
+from embgemma_jax.quant import QUANT_MODES
+
+if TYPE_CHECKING:
+    from embgemma_jax.encode import EmbeddingGemma
+
+BATCHES_BOUNDED = (
+    "every device batch is also bounded by a fixed budget of padded tokens (embgemma_jax.batching), whatever is asked"
+)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hub id (google/embeddinggemma-300m) or local directory")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    p.add_argument(
+class UsageError(ValueError):
+    """A bad argument or path, found before any model is loaded; the message names it."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument types: argparse reports "argument --NAME: <message>" and exits 2.
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port in [0, 65535], got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port in [0, 65535], got {text!r}")
+    return value
+
+
+def non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a non-empty value")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared model options
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model, --dtype, --quantize, --attention-impl, --revision, --compilation-cache."""
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model", required=True, type=non_empty, help="Hub id (google/embeddinggemma-300m) or local directory"
+    )
+    g.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute dtype: float32 (exact parity, default) or bfloat16 (fast)",
+    )
+    g.add_argument(
+        "--quantize",
+        default=None,
+        choices=[m for m in QUANT_MODES if m is not None],
+        help="weight-only quantization of the large matrices (use with --dtype bfloat16); default: none",
+    )
+    g.add_argument(
+        "--attention-impl",
+        default="auto",
+        choices=list(ATTENTION_IMPLS),
+        help="sliding-window attention: auto (default), dense or banded",
+    )
+    g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    g.add_argument(
         "--compilation-cache",
-        default=os.environ.get("EMBGEMMA_COMPILATION_CACHE"),
+        default=None,
         help="persistent JAX compilation cache directory (default: $EMBGEMMA_COMPILATION_CACHE; off if unset)",
     )
 
 
-def _read_lines(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"error: input file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise SystemExit(f"error: {p} is not UTF-8 text ({e})") from e
-    return text.splitlines()
+def load_model(args: argparse.Namespace, **extra: Any) -> EmbeddingGemma:
+    """The model the options of :func:`add_model_options` describe (``extra``: mesh, fsdp)."""
+    from embgemma_jax.encode import EmbeddingGemma
+
+    cache = args.compilation_cache
+    if cache is None:
+        cache = os.environ.get("EMBGEMMA_COMPILATION_CACHE") or None
+    return EmbeddingGemma.from_pretrained(
+        args.model,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        attention_impl=args.attention_impl,
+        revision=args.revision,
+        compilation_cache_dir=cache,
+        **extra,
+    )
+
+
+def _add_batching_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--batch-size", type=positive_int, default=32, help=f"rows per forward pass, at most ({BATCHES_BOUNDED})"
+    )
+    p.add_argument(
+        "--token-budget",
+        type=positive_int,
+        default=None,
+        help="pack each batch with up to this many padded tokens (rows x padded length) instead of a fixed "
+        "--batch-size rows; the embeddings are the same",
+    )
+
+
+def _check_file_output(path: str, option: str, suffix: str) -> Path:
+    """An output file path that can be written: the right suffix, in an existing writable directory."""
+    out = Path(path)
+    if out.suffix != suffix:
+        raise UsageError(f"{option} must end in {suffix}, got {out}")
+    if out.is_dir():
+        raise UsageError(f"{option} {out} is a directory; expected a {suffix} file name")
+    parent = out.parent
+    if not parent.is_dir():
+        raise UsageError(f"{option} {out}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UsageError(f"{option} {out}: not writable")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# embed
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from embgemma_jax.encode import EmbeddingGemma
+    from embgemma_jax.corpus.readers import read_text_lines
 
     texts = list(args.texts)
     if args.input:
-        texts += _read_lines(args.input)
+        lines = read_text_lines(args.input)
+        if not lines:
+            raise UsageError(f"--input {args.input} holds no lines")
+        texts += lines
     if not texts:
-        raise SystemExit("error: no texts: pass TEXT arguments or --input FILE")
-    model = EmbeddingGemma.from_pretrained(
-        args.model, dtype=args.dtype, revision=args.revision, compilation_cache_dir=args.compilation_cache
-    )
+        raise UsageError("no texts: pass TEXT arguments or --input FILE")
+    out = _check_file_output(args.output, "--output", ".npy") if args.output else None
+    model = load_model(args)
     emb = model.encode(
         texts,
         prompt_name=args.prompt_name,
         prompt=args.prompt,
         batch_size=args.batch_size,
+        token_budget=args.token_budget,
         truncate_dim=args.truncate_dim,
         normalize_embeddings=args.normalize,
         show_progress_bar=args.progress,
     )
-    if args.output:
-        out = Path(args.output)
-        if out.suffix != ".npy":
-            raise SystemExit(f"error: --output must end in .npy, got {out}")
+    if out is not None:
         np.save(out, emb)
         print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {out}", file=sys.stderr)
     else:
@@ -68,17 +194,24 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="embed texts given as arguments or in a file (one per line)")
-    _add_model_args(p)
+    add_model_options(p)
     p.add_argument("texts", nargs="*", help="texts to embed")
-    p.add_argument("--input", help="UTF-8 file with one text per line")
+    p.add_argument(
+        "--input",
+        help="UTF-8 file with one text per line (only \\n ends a line; \\r\\n and a leading BOM are handled)",
+    )
     p.add_argument("--prompt-name", default=None, help="prompt from the model's table, e.g. query, document, STS")
     p.add_argument("--prompt", default=None, help="explicit prompt string (wins over --prompt-name)")
-    p.add_argument("--truncate-dim", type=int, default=None, help="Matryoshka dimension (768, 512, 256, 128)")
+    p.add_argument("--truncate-dim", type=positive_int, default=None, help="Matryoshka dimension (768, 512, 256, 128)")
     p.add_argument("--normalize", action="store_true", help="re-normalize after truncation")
-    p.add_argument("--batch-size", type=int, default=32)
+    _add_batching_options(p)
     p.add_argument("--output", help="write a .npy file instead of JSON on stdout")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     p.set_defaults(func=cmd_embed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# convert
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -97,29 +230,42 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_convert)
 
 
+# ---------------------------------------------------------------------------------------------------
+# embed-corpus
+
+
 def cmd_embed_corpus(args: argparse.Namespace) -> int:
+    from embgemma_jax.corpus import shards
     from embgemma_jax.corpus.job import embed_corpus
+    from embgemma_jax.corpus.readers import open_corpus
     from embgemma_jax.sharding import initialize_distributed, make_mesh
 
-    distributed = [args.coordinator_address, args.num_processes, args.process_id]
-    if args.distributed or any(x is not None for x in distributed):
-        initialize_distributed(*distributed)
+    distributed = {
+        "--coordinator-address": args.coordinator_address,
+        "--num-processes": args.num_processes,
+        "--process-id": args.process_id,
+    }
+    given = [k for k, v in distributed.items() if v is not None]
+    if given and len(given) != len(distributed):
+        missing = [k for k in distributed if k not in given]
+        raise UsageError(f"{', '.join(given)} also need {', '.join(missing)} (pass all three, or --distributed)")
+    if given and args.process_id >= args.num_processes:
+        raise UsageError(f"--process-id must be in [0, {args.num_processes}) for --num-processes {args.num_processes}")
+    # The input and the output directory are checked before anything starts (file-level problems only).
+    open_corpus(args.input, text_field=args.text_field, id_field=args.id_field)
+    out_dir = shards.prepare_output_dir(args.output)
+
+    if args.distributed or given:
+        initialize_distributed(*distributed.values())
     import jax
 
-    from embgemma_jax.encode import EmbeddingGemma
-
-    model = EmbeddingGemma.from_pretrained(
-        args.model,
-        dtype=args.dtype,
-        revision=args.revision,
-        mesh=make_mesh(),
-        fsdp=args.fsdp,
-        compilation_cache_dir=args.compilation_cache,
-    )
+    with shards.exclusive_output(out_dir, jax.process_index()):
+        pass  # another run writing there is reported now, not after the model has loaded
+    model = load_model(args, mesh=make_mesh(), fsdp=args.fsdp)
     manifest = embed_corpus(
         model,
         args.input,
-        args.output,
+        out_dir,
         text_field=args.text_field,
         id_field=args.id_field,
         prompt_name=args.prompt_name or None,
@@ -128,6 +274,7 @@ def cmd_embed_corpus(args: argparse.Namespace) -> int:
         on_error=args.on_error,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
+        token_budget=args.token_budget,
         progress=not args.no_progress,
     )
     if jax.process_index() == 0:
@@ -146,10 +293,11 @@ def _add_embed_corpus(sub: argparse._SubParsersAction) -> None:
         "embed-corpus",
         help="embed a large .txt/.jsonl/.parquet corpus into resumable shards (multi-device, multi-host)",
         description="Streams the input, encodes it data-parallel over all local devices, writes shards with a "
-        "manifest. Rerun the same command to resume an interrupted run. Read the result with "
-        "embgemma_jax.read_embeddings(OUTPUT).",
+        "manifest. Rerun the same command to resume an interrupted run (the input already embedded must be "
+        "unchanged). A run owns its output directory: a second run on it stops with an error naming the first. "
+        "Read the result with embgemma_jax.read_embeddings(OUTPUT).",
     )
-    _add_model_args(p)
+    add_model_options(p)
     p.add_argument("--input", required=True, help=".txt (one text per line), .jsonl or .parquet file")
     p.add_argument("--output", required=True, help="output directory (created; an unfinished run there is resumed)")
     p.add_argument("--text-field", default="text", help="field/column with the text (jsonl, parquet)")
@@ -160,15 +308,15 @@ def _add_embed_corpus(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prompt-name", default="document", help="prompt from the model's table ('' for none)")
     p.add_argument("--prompt", default=None, help="explicit prompt string (wins over --prompt-name)")
-    p.add_argument("--truncate-dim", type=int, default=None, help="Matryoshka dimension (768, 512, 256, 128)")
+    p.add_argument("--truncate-dim", type=positive_int, default=None, help="Matryoshka dimension (768, 512, 256, 128)")
     p.add_argument(
         "--on-error",
         default="raise",
         choices=["raise", "skip"],
         help="malformed records: stop with file:line (raise) or log to errors-*.jsonl and go on (skip)",
     )
-    p.add_argument("--shard-size", type=int, default=10_000, help="input records per shard")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    p.add_argument("--shard-size", type=positive_int, default=10_000, help="input records per shard")
+    _add_batching_options(p)
     p.add_argument("--fsdp", action="store_true", help="split parameters over the local devices instead of replicating")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("multi-host (jax.distributed)")
@@ -177,23 +325,73 @@ def _add_embed_corpus(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="call jax.distributed.initialize() with auto-detection (TPU pod slices, SLURM, ...)",
     )
-    g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
-    g.add_argument("--num-processes", type=int, default=None, help="number of processes")
-    g.add_argument("--process-id", type=int, default=None, help="index of this process")
+    g.add_argument("--coordinator-address", default=None, type=non_empty, help="host:port of process 0")
+    g.add_argument("--num-processes", type=positive_int, default=None, help="number of processes")
+    g.add_argument("--process-id", type=non_negative_int, default=None, help="index of this process")
     p.set_defaults(func=cmd_embed_corpus)
 
 
-def _read_texts(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"texts file not found: {p}")
+# ---------------------------------------------------------------------------------------------------
+# serve
+
+
+SERVE_LIMITS = ("max_batch_tokens", "max_concurrent_requests", "max_client_batch_size", "max_body_bytes")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    api_key = args.api_key if args.api_key is not None else os.environ.get("EMBGEMMA_API_KEY")
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p} is not UTF-8 text ({e})") from e
-    texts = [line for line in lines if line.strip()]
+        from embgemma_jax.server import serve
+    except ImportError as e:
+        raise UsageError(f"serve needs the server's dependencies: {e} (pip install 'embgemma-jax[serve]')") from e
+    limits = {k: getattr(args, k) for k in SERVE_LIMITS if getattr(args, k) is not None}  # else the server's
+    model = load_model(args)
+    return serve(
+        model,
+        host=args.host,
+        port=args.port,
+        api_key=api_key or None,
+        model_name=args.model_name if args.model_name is not None else args.model,
+        **limits,
+    )
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve embeddings over HTTP (OpenAI- and TEI-compatible; needs the serve extra)",
+        description="Serves the model over HTTP until SIGTERM or Ctrl-C (which drain the requests in flight). "
+        "Routes, limits and errors: see embgemma_jax.server. Limits left out take the server's defaults.",
+    )
+    add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", type=non_empty, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", default=8080, type=port, help="TCP port (default 8080; 0: any free port, logged)")
+    p.add_argument("--max-batch-tokens", type=positive_int, default=None, help="padded tokens per device batch")
+    p.add_argument(
+        "--max-concurrent-requests", type=positive_int, default=None, help="requests admitted at once; more get 429"
+    )
+    p.add_argument("--max-client-batch-size", type=positive_int, default=None, help="inputs per request; more get 413")
+    p.add_argument("--max-body-bytes", type=positive_int, default=None, help="larger request bodies get 413")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: $EMBGEMMA_API_KEY; "
+        "no authentication if unset or empty)",
+    )
+    p.add_argument("--model-name", default=None, type=non_empty, help="model id clients send (default: --model)")
+    p.set_defaults(func=cmd_serve)
+
+
+# ---------------------------------------------------------------------------------------------------
+# parity
+
+
+def _read_texts(path: str) -> list[str]:
+    from embgemma_jax.corpus.readers import read_text_lines
+
+    texts = [line for line in read_text_lines(path) if line.strip()]
     if not texts:
-        raise ValueError(f"{p} holds no non-empty lines")
+        raise UsageError(f"--texts {path} holds no non-empty lines")
     return texts
 
 
@@ -209,6 +407,10 @@ def cmd_parity(args: argparse.Namespace) -> int:
     empty = {"embeddings": {}, "stages": [], "tokens": {}}
     check_tolerances(empty, **tolerances)  # validate the values before any work
     texts = _read_texts(args.texts) if args.texts else None
+    if args.json:
+        _check_file_output(args.json, "--json", Path(args.json).suffix or ".json")
+    if args.plot:
+        _check_file_output(args.plot, "--plot", Path(args.plot).suffix or ".png")
     report = parity_report(
         args.model,
         texts,
@@ -243,7 +445,7 @@ def _add_parity(sub: argparse._SubParsersAction) -> None:
         description="Compares every stage (embeddings, each layer, pooling, dense head, final vector) "
         "with a float64 NumPy oracle and the PyTorch reference.",
     )
-    p.add_argument("--model", required=True, help="Hub id or local checkpoint directory")
+    p.add_argument("--model", required=True, type=non_empty, help="Hub id or local checkpoint directory")
     p.add_argument("--texts", help="UTF-8 file, one text per line (default: a built-in set incl. a long text)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="JAX compute dtype")
     p.add_argument("--prompt-name", default=None, help="prompt from the model's table, e.g. query, document")
@@ -260,17 +462,21 @@ def _add_parity(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_parity)
 
 
+# ---------------------------------------------------------------------------------------------------
+
 # One entry per subcommand: name -> function that adds its parser.
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "embed": _add_embed,
     "convert": _add_convert,
     "embed-corpus": _add_embed_corpus,
+    "serve": _add_serve,
     "parity": _add_parity,
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embgemma-jax", description="EmbeddingGemma in JAX")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS.values():
         add(sub)
@@ -283,8 +489,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (CheckpointError, ValueError, TypeError, OSError, MemoryError) as e:
+        print(f"error: {str(e) or type(e).__name__}", file=sys.stderr)
         return 2
 
 

@@ -126,6 +126,8 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_ckpt, corpus_txt, referen
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / MANIFEST).exists()
+    # The killed run's lock file still names it; the kernel dropped its lock, so the resume takes over.
+    assert json.loads((out / "run-p00000.lock").read_text())["pid"] == proc.pid
     committed = sorted((out / "shards").glob("p00000-s*[0-9].json"))
     assert 1 <= len(committed) < 128 // SHARD_SIZE, "the kill did not land mid-run"
     with pytest.raises(ShardError, match="the run has not finished"):
@@ -287,3 +289,11 @@ def test_parquet_input(jax_model, tmp_path):
     ids, emb = read_embeddings(tmp_path / "out")
     assert ids == [f"d{i}" for i in range(20)]
     np.testing.assert_allclose(emb, jax_model.encode(texts, prompt_name="query"), atol=F32_ATOL, rtol=0)
+
+
+def test_token_budget_gives_the_same_output(jax_model, corpus_txt, reference, tmp_path):
+    out = tmp_path / "out"
+    embed_corpus(jax_model, corpus_txt, out, shard_size=SHARD_SIZE, batch_size=BATCH_SIZE, token_budget=200)
+    _assert_same_output(out, reference)
+    with pytest.raises(ValueError, match="token_budget must be a positive int or None, got 0"):
+        embed_corpus(jax_model, corpus_txt, tmp_path / "other", token_budget=0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,13 +72,14 @@ def _barrier(name: str) -> None:
 # The job
 
 
-def _settings(model: EmbeddingGemma, corpus: Corpus, **options: Any) -> dict[str, Any]:
-    """Everything that decides the output; a resumed run must match it exactly."""
+def _settings(model: EmbeddingGemma, source: dict[str, Any], **options: Any) -> dict[str, Any]:
+    """Everything that decides the output; a resumed run must match it exactly. ``source``: the input's
+    path, format and size (its content is checked by the input hashes of the shards)."""
     import jax
 
     settings = {
         "format_version": shards.FORMAT_VERSION,
-        "input": corpus.fingerprint(),
+        "input": source,
         "model": {"source": str(Path(model.source).resolve()), "config": model.config.to_dict()},
         "dtype": model.dtype.name,
         "quantize": "int8" if model.quantized else None,
@@ -205,9 +207,11 @@ def embed_corpus(
     out_dir = shards.prepare_output_dir(output_dir)
     nproc, proc = jax.process_count(), jax.process_index()
     with shards.exclusive_output(out_dir, proc):
+        source = corpus.fingerprint()
+        edges = source.pop("edges_sha256")  # compared across processes, not across resumes
         settings = _settings(
             model,
-            corpus,
+            source,
             text_field=text_field if corpus.format != "txt" else None,
             id_field=id_field,
             prompt=prompt_text,
@@ -217,10 +221,12 @@ def embed_corpus(
         )
         part = corpus.parts(nproc)[proc]
         lines = corpus.count(part)
-        peers = _allgather_json({"settings": settings, "lines": lines})
+        mine = {"settings": settings, "input_edges_sha256": edges}
+        peers = _allgather_json({**mine, "lines": lines})
         for i, peer in enumerate(peers):
-            if peer["settings"] != settings:
-                diffs = _differences(peer["settings"], settings)
+            theirs = {k: peer[k] for k in mine}
+            if theirs != mine:
+                diffs = _differences(theirs, mine)
                 raise ValueError(
                     f"process {i} runs with other settings than process {proc} "
                     + _describe(diffs, f"in process {i}", f"in process {proc}")
@@ -254,22 +260,29 @@ def embed_corpus(
             token_budget=token_budget,
             bar=bar,
         )
-        pending: list[Record] = []
-        for rec in corpus.read(part, hasher.position, line, hasher):
-            if rec.error is not None and on_error == "raise":
-                raise CorpusError(
-                    f"{corpus.location(rec.line)}: {rec.error} (fix the input, or pass --on-error skip / "
-                    "on_error='skip' to log such records and go on)"
-                )
-            pending.append(rec)
-            if len(pending) == shard_size:
-                job.commit(pending)
-                pending = []
-        if pending:
-            job.commit(pending)
-        if bar is not None:
-            bar.close()
+        try:
+            _run(job, corpus.read(part, hasher.position, line, hasher), shard_size, on_error)
+        finally:
+            if bar is not None:
+                bar.close()  # before any error message, so that starts on a line of its own
         return _finish(out_dir, settings, proc, first_line, lines)
+
+
+def _run(job: _ShardJob, records: Iterator[Record], shard_size: int, on_error: str) -> None:
+    """Commits ``records`` in shards of ``shard_size``."""
+    pending: list[Record] = []
+    for rec in records:
+        if rec.error is not None and on_error == "raise":
+            raise CorpusError(
+                f"{job.corpus.location(rec.line)}: {rec.error} (fix the input, or pass --on-error skip / "
+                "on_error='skip' to log such records and go on)"
+            )
+        pending.append(rec)
+        if len(pending) == shard_size:
+            job.commit(pending)
+            pending = []
+    if pending:
+        job.commit(pending)
 
 
 def _resume_hash(corpus: Corpus, part: Part, done: list[dict[str, Any]], out_dir: Path, proc: int) -> InputHash:

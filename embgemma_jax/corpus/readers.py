@@ -203,6 +203,7 @@ class Corpus:
 
     def __init__(self, path: str | Path, *, text_field: str = "text", id_field: str | None = None) -> None:
         self.path = Path(path)
+        _check_input_file(self.path, what="input file", regular=True)
         suffix = self.path.suffix.lower()
         if suffix not in SUPPORTED:
             raise CorpusError(
@@ -210,7 +211,6 @@ class Corpus:
                 "(compressed files must be decompressed first)"
             )
         self.format = "txt" if suffix in TEXT_SUFFIXES else "jsonl" if suffix in JSONL_SUFFIXES else "parquet"
-        _check_input_file(self.path, what="input file", regular=True)
         if not isinstance(text_field, str) or not text_field:
             raise CorpusError(f"text_field must be a non-empty string, got {text_field!r}")
         if id_field is not None and (not isinstance(id_field, str) or not id_field):
@@ -259,7 +259,7 @@ class Corpus:
         return n
 
     def fingerprint(self) -> dict[str, Any]:
-        """Size and sha256 of the first and last MiB: a quick check that every process (and a resumed run)
+        """Path, format, size and the sha256 of the first and last MiB: a quick check that every process
         sees the same file. What a resume depends on is checked in full by :meth:`input_hash`."""
         h = hashlib.sha256()
         with open(self.path, "rb") as fh:

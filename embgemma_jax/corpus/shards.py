@@ -343,7 +343,7 @@ def _check_manifest(path: Path, m: dict[str, Any]) -> None:
             fail(f"the shards of process {p} end at line {line}, but the process ended at line {info['next_line']}")
         end = info["first_line"] + info["lines"]
         if line > end or (fmt != "jsonl" and line != end):
-            fail(f"the shards of process {p} cover its lines up to {line}, but its part ends at line {end}")
+            fail(f"the shards of process {p} cover its lines up to {line}, but its part ends at {end}")
         for key, field in (("documents", "rows"), ("errors", "errors")):
             if sum(e[field] for e in entries) != info[key]:
                 fail(f"process {p} has {key}={info[key]}, but its shards hold {sum(e[field] for e in entries)}")
