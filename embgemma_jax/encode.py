@@ -20,7 +20,7 @@ from embgemma_jax.batching import check_positive_int, check_truncate_dim
 from embgemma_jax.checkpoint.load import Checkpoint, load_checkpoint, save_converted
 from embgemma_jax.config import MATRYOSHKA_DIMS, EmbeddingGemmaConfig
 from embgemma_jax.engine import Engine, finish
-from embgemma_jax.model import EncoderOutput, check_attention_impl, resolve_dtype
+from embgemma_jax.model import EncoderOutput, check_attention_impl, resolve_dtype, stack_layers, unstack_layers
 from embgemma_jax.pooling import PoolingLike, as_pooling_spec, get_pooling, normalize_rows
 from embgemma_jax.prompts import prepare
 from embgemma_jax.quant import check_quantize, expand_quantized, is_quantized, quantizing_put
@@ -52,11 +52,12 @@ class EmbeddingGemma:
         self.dtype = resolve_dtype(dtype)
         self.attention_impl = check_attention_impl(attention_impl)
         self.config: EmbeddingGemmaConfig = checkpoint.config
-        self.params = checkpoint.params
+        # The production programs scan over the repeating group of layers: stack the layers once, here.
+        self.params = stack_layers(checkpoint.params, self.config)
         self.prompts: dict[str, str] = dict(checkpoint.prompts)
         self.default_prompt_name = checkpoint.default_prompt_name
         self.source = checkpoint.source
-        self._checkpoint = checkpoint
+        self.tokenizer_dir = checkpoint.tokenizer_dir  # (the checkpoint is not kept: its per-layer arrays)
         self.tokenizer = Tokenizer.from_dir(
             checkpoint.tokenizer_dir,
             max_length=self.config.max_seq_length,
@@ -127,6 +128,7 @@ class EmbeddingGemma:
             ckpt.params = expand_quantized(ckpt.params)
         model = cls(ckpt, dtype=compute, attention_impl=attention_impl)
         if mesh is not None:
+            model.params = sharding.shard_params(model.params, mesh, fsdp=fsdp)  # the stacked layers too
             model.engine.mesh, model.fsdp = mesh, fsdp
         return model
 
@@ -148,19 +150,22 @@ class EmbeddingGemma:
     def quantized(self) -> bool:
         return is_quantized(self.params)
 
+    def to_checkpoint(self) -> Checkpoint:
+        """This model as a :class:`Checkpoint` (float32 NumPy parameters in the per-layer layout)."""
+        if self.quantized:
+            raise ValueError("this model's parameters are int8; load without quantize= for float parameters")
+        params = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), self.layer_params())
+        return Checkpoint(self.config, params, self.prompts, self.default_prompt_name, self.tokenizer_dir, self.source)
+
     def save_converted(self, out_dir: str | Path) -> Path:
         """Writes this model in the converted format (float32 parameters)."""
         if self.quantized:
             raise ValueError("save_converted needs float parameters; load without quantize= to convert")
-        ckpt = Checkpoint(
-            self.config,
-            jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), self.params),
-            self.prompts,
-            self.default_prompt_name,
-            self._checkpoint.tokenizer_dir,
-            self.source,
-        )
-        return save_converted(ckpt, out_dir)
+        return save_converted(self.to_checkpoint(), out_dir)
+
+    def layer_params(self) -> dict[str, Any]:
+        """The parameters in the checkpoint's per-layer layout (``encoder/layer_i``), as views of the stacks."""
+        return unstack_layers(self.params, self.config)
 
     @property
     def mesh(self) -> jax.sharding.Mesh | None:

@@ -28,7 +28,7 @@ import numpy as np
 
 from embgemma_jax import batching, sharding
 from embgemma_jax.config import EmbeddingGemmaConfig
-from embgemma_jax.model import DenseHead, EmbeddingGemmaModule, Encoder, EncoderOutput, RMSNorm
+from embgemma_jax.model import DenseHead, EmbeddingGemmaModule, Encoder, EncoderOutput, RMSNorm, unstack_layers
 from embgemma_jax.pooling import PoolingPlan, PoolingSpec, l2_normalize, normalize_rows, pool
 from embgemma_jax.prompts import exclude_prompt, prompt_lengths
 from embgemma_jax.tokenizer import Tokenizer
@@ -108,11 +108,16 @@ class Engine:
 
     def __init__(self, config: EmbeddingGemmaConfig, dtype: jnp.dtype, attention_impl: str, tokenizer: Tokenizer):
         self.config, self.dtype, self.attention_impl, self.tokenizer = config, dtype, attention_impl, tokenizer
-        self.module = EmbeddingGemmaModule(config, dtype, attention_impl)
+        # Parameters are stacked per repeating group of layers (model.stack_layers): the production programs
+        # scan over the groups, so a new shape compiles one group, not every layer.
+        self.module = EmbeddingGemmaModule(config, dtype, attention_impl, scan_layers=True)
+        self.encoder = Encoder(config, dtype, attention_impl, scan_layers=True)
+        # Captures record every layer's intermediates, which the unrolled form names per layer (layer_i).
         # Attention probabilities exist as full [T, S] matrices only in the dense sliding-window form; the
         # banded form computes the same per-query softmax on key blocks. Capturing them runs the dense form.
-        self.dense_module = EmbeddingGemmaModule(config, dtype, "dense")
-        self.encoder = Encoder(config, dtype, attention_impl)
+        self.capture_modules = {
+            dense: EmbeddingGemmaModule(config, dtype, "dense" if dense else attention_impl) for dense in (False, True)
+        }
         self.reference_plan = PoolingSpec("mean", config.include_prompt).plan(config.num_layers, config.normalize)
         self.mesh: jax.sharding.Mesh | None = None  # None: every batch on the default device
         self.forward = jax.jit(self._forward, static_argnames=("return_hidden_states",))
@@ -165,7 +170,8 @@ class Engine:
         return pooled, dense, out
 
     def _capture(self, params, ids, mask, pool_mask, *, capture: Capture) -> dict[str, Any]:
-        module = self.dense_module if capture.attention_layers else self.module
+        module = self.capture_modules[bool(capture.attention_layers)]
+        params = unstack_layers(params, self.config)  # slices inside the program: no copy of the weights
         out, state = module.apply({"params": params}, ids, mask, pool_mask, mutable=["intermediates"])
         inter = state["intermediates"]
         enc = inter["encoder"]

@@ -221,12 +221,69 @@ class Block(nn.Module):
         return x
 
 
+def layer_period(config: EmbeddingGemmaConfig) -> int:
+    """The length of the repeating group of layer types: 6 for EmbeddingGemma (5 sliding + 1 full, 4 times);
+    ``num_layers`` (one group) when the types do not repeat a whole number of times."""
+    types, n = config.layer_types, config.num_layers
+    return next(p for p in range(1, n + 1) if n % p == 0 and all(types[i] == types[i % p] for i in range(n)))
+
+
+def _kind(layer_type: str) -> str:
+    return "sliding" if layer_type == SLIDING else "full"
+
+
+class LayerGroup(nn.Module):
+    """One repeating group of layers (``layer_types`` in order), the body of the encoder's scan."""
+
+    config: EmbeddingGemmaConfig
+    layer_types: tuple[str, ...]
+    dtype: jnp.dtype
+    attention_impl: str
+    return_hidden_states: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        masks, ropes = _masks_and_ropes(self.config, valid, self.dtype, self.attention_impl)
+        outs = []
+        for j, layer_type in enumerate(self.layer_types):
+            kind = _kind(layer_type)
+            x = Block(self.config, layer_type, self.dtype, name=f"layer_{j}")(x, masks[kind], *ropes[kind])
+            outs.append(x)
+        return x, (jnp.stack(outs) if self.return_hidden_states else None)
+
+
+def _masks_and_ropes(
+    cfg: EmbeddingGemmaConfig, valid: jax.Array, dt: jnp.dtype, attention_impl: str
+) -> tuple[dict[str, AttentionMask], dict[str, tuple[jax.Array, jax.Array]]]:
+    t = valid.shape[1]
+    positions = jnp.arange(t)
+    radius = cfg.window_radius
+    banded = attention_impl == "banded" or (attention_impl == "auto" and use_banded(t, radius))
+    masks: dict[str, AttentionMask] = {
+        "full": attention_mask(valid, None),
+        "sliding": banded_mask(valid, radius) if banded else attention_mask(valid, radius),
+    }
+    ropes = {
+        "full": rope_tables(positions, cfg.head_dim, cfg.rope_global_base, dt),
+        "sliding": rope_tables(positions, cfg.head_dim, cfg.rope_local_base, dt),
+    }
+    return masks, ropes
+
+
 class Encoder(nn.Module):
-    """Token ids [B, T] and mask [B, T] -> final-normed token states [B, T, D] (and per-layer states)."""
+    """Token ids [B, T] and mask [B, T] -> final-normed token states [B, T, D] (and per-layer states).
+
+    With ``scan_layers`` the layers run as a ``scan`` over the repeating group of layer types (see
+    :func:`layer_period`), so a new input shape compiles one group instead of every layer; the
+    parameters are then stacked per position in the group (``groups/layer_j`` with a leading group axis,
+    see :func:`stack_layers`). Unrolled (``layer_i``, the checkpoint's layout) otherwise: the research
+    captures use it, since they record every layer's intermediates.
+    """
 
     config: EmbeddingGemmaConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "auto"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(
@@ -246,30 +303,66 @@ class Encoder(nn.Module):
         x = x * jnp.asarray(cfg.embed_scale, jnp.float32).astype(dt)
         self.sow("intermediates", "embeddings", x)
 
-        t = input_ids.shape[1]
-        positions = jnp.arange(t)
         valid = attention_mask_2d.astype(bool)
-        radius = cfg.window_radius
-        banded = self.attention_impl == "banded" or (self.attention_impl == "auto" and use_banded(t, radius))
-        masks: dict[str, AttentionMask] = {
-            "full": attention_mask(valid, None),
-            "sliding": banded_mask(valid, radius) if banded else attention_mask(valid, radius),
-        }
-        ropes = {
-            "full": rope_tables(positions, cfg.head_dim, cfg.rope_global_base, dt),
-            "sliding": rope_tables(positions, cfg.head_dim, cfg.rope_local_base, dt),
-        }
         states = [x] if return_hidden_states else None
-        for i, layer_type in enumerate(cfg.layer_types):
-            kind = "sliding" if layer_type == SLIDING else "full"
-            x = Block(cfg, layer_type, dt, name=f"layer_{i}")(x, masks[kind], *ropes[kind])
-            self.sow("intermediates", "layer_outputs", x)
-            if states is not None:
-                states.append(x)
+        if not self.scan_layers:
+            masks, ropes = _masks_and_ropes(cfg, valid, dt, self.attention_impl)
+            for i, layer_type in enumerate(cfg.layer_types):
+                kind = _kind(layer_type)
+                x = Block(cfg, layer_type, dt, name=f"layer_{i}")(x, masks[kind], *ropes[kind])
+                self.sow("intermediates", "layer_outputs", x)
+                if states is not None:
+                    states.append(x)
+        else:
+            period = layer_period(cfg)
+            groups = nn.scan(
+                LayerGroup,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=cfg.num_layers // period,
+            )
+            group = groups(
+                cfg, tuple(cfg.layer_types[:period]), dt, self.attention_impl, return_hidden_states, name="groups"
+            )
+            x, outs = group(x, valid)
+            if states is not None:  # outs [G, P, B, T, D]: layer g * P + j
+                states.extend(outs.reshape((-1, *outs.shape[2:])))
         x = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
         if states is not None:
             states[-1] = x  # transformers' last hidden state is the final-normed one
         return x, (tuple(states) if states is not None else None)
+
+
+def stack_layers(params: dict[str, Any], config: EmbeddingGemmaConfig) -> dict[str, Any]:
+    """The checkpoint layout (``encoder/layer_i``) -> the scanned layout (``encoder/groups/layer_j`` with a
+    leading group axis: entry g of ``layer_j`` is layer ``g * period + j``). Leaves are stacked with
+    ``jnp.stack`` (NumPy leaves with ``np.stack``)."""
+    period = layer_period(config)
+    enc = params["encoder"]
+    if "groups" in enc:
+        return params
+    enc = dict(enc)
+    layers = [enc.pop(f"layer_{i}") for i in range(config.num_layers)]
+
+    def stack(*xs: Any) -> Any:
+        return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
+
+    enc["groups"] = {f"layer_{j}": jax.tree_util.tree_map(stack, *layers[j::period]) for j in range(period)}
+    return {**params, "encoder": enc}
+
+
+def unstack_layers(params: dict[str, Any], config: EmbeddingGemmaConfig) -> dict[str, Any]:
+    """The inverse of :func:`stack_layers`: per-layer ``encoder/layer_i`` entries (slices of the stacks)."""
+    enc = params["encoder"]
+    if "groups" not in enc:
+        return params
+    enc = dict(enc)
+    groups = enc.pop("groups")
+    period = len(groups)
+    for i in range(config.num_layers):
+        enc[f"layer_{i}"] = jax.tree_util.tree_map(lambda x, g=i // period: x[g], groups[f"layer_{i % period}"])
+    return {**params, "encoder": enc}
 
 
 class DenseHead(nn.Module):
@@ -301,10 +394,11 @@ class EmbeddingGemmaModule(nn.Module):
     config: EmbeddingGemmaConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: str = "auto"
+    scan_layers: bool = False
 
     def setup(self) -> None:
         check_attention_impl(self.attention_impl)
-        self.encoder = Encoder(self.config, self.dtype, self.attention_impl)
+        self.encoder = Encoder(self.config, self.dtype, self.attention_impl, self.scan_layers)
         self.head = DenseHead(self.config.dense_features, self.dtype)
 
     def __call__(

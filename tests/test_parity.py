@@ -111,7 +111,7 @@ def _variant_error(jax_model, st_model, **changes):
     from embgemma_jax.encode import EmbeddingGemma
 
     impl = changes.pop("attention_impl", "auto")
-    ckpt = dataclasses.replace(jax_model._checkpoint, config=dataclasses.replace(jax_model.config, **changes))
+    ckpt = dataclasses.replace(jax_model.to_checkpoint(), config=dataclasses.replace(jax_model.config, **changes))
     variant = EmbeddingGemma(ckpt, attention_impl=impl)  # fresh jit cache
     return np.abs(variant.encode(TEXTS) - st_model.encode(TEXTS, convert_to_numpy=True)).max()
 

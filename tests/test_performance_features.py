@@ -49,7 +49,7 @@ def _cosines(a, b):
 
 def test_int8_quality_and_storage(tiny_ckpt, jax_model):
     q = EmbeddingGemma.from_pretrained(tiny_ckpt, dtype="bfloat16", quantize="int8")
-    enc = q.params["encoder"]
+    enc = q.layer_params()["encoder"]
     assert enc["embedding"].dtype == np.int8 and enc["embedding_scale"].shape == (q.config.vocab_size,)
     assert enc["layer_0"]["attn"]["q"].dtype == np.int8 and enc["layer_0"]["attn"]["q_scale"].shape == (3, 32)
     assert enc["layer_0"]["attn"]["o_scale"].shape == (48,)

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from embgemma_jax.config import SLIDING, EmbeddingGemmaConfig
+from embgemma_jax.model import unstack_layers
 
 
 class OracleOutput(NamedTuple):
@@ -147,7 +148,7 @@ def oracle_forward(
         if not 0 <= i < config.num_layers:
             raise ValueError(f"attention layer {i} is out of range 0..{config.num_layers - 1}")
 
-    enc = params["encoder"]
+    enc = unstack_layers(params, config)["encoder"]  # a model's stacked layers, or a checkpoint's per-layer ones
     table = enc["embedding"]
     b, t = ids.shape
     d, n_layers = config.hidden_size, config.num_layers

@@ -1,0 +1,84 @@
+"""Layers compiled once: the encoder scans over its repeating group of layers (5 sliding + 1 full for the
+real model). The scanned and unrolled forms give the same numbers, per layer too, and both match the
+reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from embgemma_jax import EmbeddingGemma
+from embgemma_jax.model import EmbeddingGemmaModule, layer_period, stack_layers, unstack_layers
+from tests.conftest import F32_ATOL
+
+TEXTS = ["short", "a somewhat longer text about parity " * 5, "the third text crosses the window " * 9]
+
+
+@pytest.fixture(scope="module")
+def twelve_layer_ckpt(tmp_path_factory):
+    """Two groups of (5 sliding + 1 full): the scan runs over 2 steps."""
+    from embgemma_jax.testing import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt12") / "tiny12", seed=3, num_hidden_layers=12)
+
+
+def test_layer_period(jax_model):
+    cfg = jax_model.config
+    assert layer_period(cfg) == 6
+    import dataclasses
+
+    from embgemma_jax.config import FULL, SLIDING
+
+    odd = dataclasses.replace(cfg, layer_types=(SLIDING,) * 5 + (FULL,) + (SLIDING,) * 2, num_layers=8)
+    assert layer_period(odd) == 8  # does not repeat: one group of every layer
+
+
+def test_stack_round_trip(jax_model):
+    per_layer = jax_model.layer_params()
+    restacked = stack_layers(per_layer, jax_model.config)
+    for a, b in zip(jax.tree_util.tree_leaves(restacked), jax.tree_util.tree_leaves(jax_model.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert "groups" in jax_model.params["encoder"] and "layer_0" not in jax_model.params["encoder"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scan_equals_unrolled_and_reference(twelve_layer_ckpt, dtype):
+    from sentence_transformers import SentenceTransformer
+
+    model = EmbeddingGemma.from_pretrained(twelve_layer_ckpt, dtype=dtype)
+    cfg = model.config
+    assert layer_period(cfg) == 6 and cfg.num_layers == 12
+    batch = model.tokenize(TEXTS)
+    ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+
+    scanned = model.engine.forward(model.params, ids, mask, mask, return_hidden_states=True)
+    unrolled = jax.jit(
+        lambda p, i, m: EmbeddingGemmaModule(cfg, model.dtype, "auto").apply(
+            {"params": p}, i, m, m, return_hidden_states=True
+        )
+    )(unstack_layers(model.params, cfg), ids, mask)
+    assert len(scanned.hidden_states) == len(unrolled.hidden_states) == cfg.num_layers + 1
+    if dtype == "bfloat16":
+        # bf16 rounds every intermediate: XLA fuses the loop body differently from the unrolled layers, so
+        # states differ by bf16 rounding steps (as bf16 differs from the reference); the bar is the bf16 one.
+        a, b = np.asarray(scanned.embeddings, np.float32), np.asarray(unrolled.embeddings, np.float32)
+        cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert cos.min() >= 0.999, cos
+        return
+    valid = np.asarray(mask).astype(bool)
+    for i, (a, b) in enumerate(zip(scanned.hidden_states, unrolled.hidden_states, strict=True)):
+        a, b = np.asarray(a, np.float32)[valid], np.asarray(b, np.float32)[valid]
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(1.0, np.abs(b).max()), err_msg=f"layer {i}")
+    np.testing.assert_allclose(
+        np.asarray(scanned.embeddings, np.float32), np.asarray(unrolled.embeddings, np.float32), rtol=0, atol=1e-6
+    )
+    ref = SentenceTransformer(str(twelve_layer_ckpt), device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(model.encode(TEXTS), ref, rtol=0, atol=F32_ATOL)
+
+
+def test_the_forward_program_holds_one_group(jax_model):
+    """The compiled forward program contains a scan over the groups, not one copy of every layer: its jaxpr
+    holds as many attention einsums as one group has layers."""
+    ids = jnp.ones((2, 16), jnp.int32)
+    jaxpr = str(jax.make_jaxpr(lambda p: jax_model.engine._forward(p, ids, ids, ids))(jax_model.params))
+    assert "scan[" in jaxpr
