@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embgemma_jax import __version__
+from embgemma_jax.batching import MAX_BATCH_TOKENS
 from embgemma_jax.model import ATTENTION_IMPLS
 from embgemma_jax.quant import QUANT_MODES
 
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
     from embgemma_jax.encode import EmbeddingGemma
 
 BATCHES_BOUNDED = (
-    "every device batch is also bounded by a fixed budget of padded tokens (embgemma_jax.batching), whatever is asked"
+    f"whatever is asked, every device batch is bounded to {MAX_BATCH_TOKENS:,} padded tokens, rows x padded "
+    "length (embgemma_jax.batching.MAX_BATCH_TOKENS), so memory stays bounded"
 )
 
 
@@ -389,7 +391,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 def _read_texts(path: str) -> list[str]:
     from embgemma_jax.corpus.readers import read_text_lines
 
-    texts = [line for line in read_text_lines(path) if line.strip()]
+    texts = [line for line in read_text_lines(path, what="texts file") if line.strip()]
     if not texts:
         raise UsageError(f"--texts {path} holds no non-empty lines")
     return texts

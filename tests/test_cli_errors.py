@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import embgemma_jax
+from embgemma_jax.batching import MAX_BATCH_TOKENS
 from embgemma_jax.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +162,8 @@ def test_help_says_batches_are_bounded_and_version(capsys):
     for sub in ("embed", "embed-corpus"):
         with pytest.raises(SystemExit):
             main([sub, "--help"])
-        assert "bounded by a fixed budget of padded tokens" in " ".join(capsys.readouterr().out.split())
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert f"every device batch is bounded to {MAX_BATCH_TOKENS:,} padded tokens" in help_text
     proc = _cli("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == f"embgemma-jax {embgemma_jax.__version__}"
 

@@ -179,8 +179,8 @@ def embed_corpus(
       on_error: "raise" stops at the first malformed record with its file and line; "skip" logs it to
         ``errors-pXXXXX.jsonl``, counts it in the manifest and goes on.
       shard_size: input records per shard (and per commit: at most this much work is lost to a crash).
-      batch_size: rows per forward pass, at most; the batch planner (:mod:`embgemma_jax.batching`) also
-        bounds every device batch by a fixed budget of padded tokens, whatever is asked.
+      batch_size: rows per forward pass, at most; whatever is asked, the batch planner bounds every
+        device batch to :data:`embgemma_jax.batching.MAX_BATCH_TOKENS` padded tokens.
       token_budget: pack each batch with up to this many padded tokens (rows x padded length) instead of
         a fixed batch_size rows; the embeddings are the same.
       progress: show a progress bar (docs/s, ETA) on process 0.

@@ -169,16 +169,20 @@ def _check_input_file(path: Path, *, what: str, regular: bool) -> None:
         )
 
 
-def read_text_lines(path: str | Path) -> list[str]:
+def read_text_lines(path: str | Path, *, what: str = "input file") -> list[str]:
     """The lines of a UTF-8 text file, split exactly as a ``.txt`` corpus is (see the module docstring).
 
-    Used by ``embgemma-jax embed --input``. Pipes work too (``--input /dev/stdin``).
+    Used by ``embgemma-jax embed --input`` (and ``parity --texts``). Pipes work too (``/dev/stdin``).
+
+    Args:
+      path: the file.
+      what: what the file is, for error messages ("input file not found: ...").
 
     Raises:
       CorpusError: the file is missing, a directory or unreadable, or a line is not UTF-8 (names path:line).
     """
     path = Path(path)
-    _check_input_file(path, what="input file", regular=False)
+    _check_input_file(path, what=what, regular=False)
     out = []
     try:
         with open(path, "rb") as fh:
@@ -188,7 +192,7 @@ def read_text_lines(path: str | Path) -> list[str]:
                     raise CorpusError(f"{path}:{n}: {error}")
                 out.append(text)
     except OSError as e:
-        raise CorpusError(f"cannot read input file {path}: {e.strerror or e}") from None
+        raise CorpusError(f"cannot read {what} {path}: {e.strerror or e}") from None
     return out
 
 
