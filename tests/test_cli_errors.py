@@ -77,20 +77,10 @@ def test_argument_errors_come_before_the_model_loads(argv, message, txt, tmp_pat
     assert message in capsys.readouterr().err
 
 
-def _read_only_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "ro"
-    d.mkdir()
-    d.chmod(0o555)
-    if os.access(d, os.W_OK):
-        pytest.skip("permission bits do not bind this user (root): a read-only directory cannot be made here")
-    return d
-
-
 @pytest.mark.parametrize(
     "case, argv, message",
     [
         ("output is a file", CORPUS, "output {txt} exists and is not a directory"),
-        ("output read-only", CORPUS, "output directory {ro}/out"),
         ("input is a directory", CORPUS, "input file {tmp} is a directory; expected a file"),
         ("input is a FIFO", CORPUS, "input file {fifo} is a FIFO (named pipe)"),
         ("input missing", CORPUS, "input file not found: {tmp}/missing.txt"),
@@ -117,9 +107,6 @@ def test_path_errors_come_before_the_model_loads(case, argv, message, txt, tmp_p
     (tmp_path / "d.npy").mkdir()
     if case == "output is a file":
         paths["out"] = txt
-    elif case == "output read-only":
-        paths["ro"] = _read_only_dir(tmp_path)
-        paths["out"] = paths["ro"] / "out"
     elif case == "input is a directory":
         argv = [a.replace("{txt}", "{tmp}") for a in argv]
     elif case == "input is a FIFO":
@@ -129,6 +116,22 @@ def test_path_errors_come_before_the_model_loads(case, argv, message, txt, tmp_p
     assert main(_fill(argv, **paths)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and _fill([message], **paths)[0] in err
+
+
+def test_read_only_outputs_are_named_before_the_model_loads(txt, tmp_path, capsys):
+    for d in ("ro", "ro_out"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d).chmod(0o555)
+    if os.access(tmp_path / "ro", os.W_OK):
+        pytest.skip("permission bits do not bind this user (root): no read-only directory can be made here")
+    cases = [
+        (CORPUS, tmp_path / "ro" / "out", f"cannot create output directory {tmp_path}/ro/out: Permission denied"),
+        (CORPUS, tmp_path / "ro_out", f"output directory {tmp_path}/ro_out is not writable"),
+        (EMBED + ["--output", "{out}"], tmp_path / "ro" / "x.npy", f"--output {tmp_path}/ro/x.npy: not writable"),
+    ]
+    for argv, out, message in cases:
+        assert main(_fill(argv, txt=txt, out=out)) == 2
+        assert capsys.readouterr().err.strip() == f"error: {message}"
 
 
 HOLD_LOCK = """
