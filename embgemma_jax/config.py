@@ -12,6 +12,12 @@ SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
 
+# Absolute bounds on sizes read from a config file, far above any Gemma 3 model (at most 62 layers and 128k
+# positions). A larger value is a corrupt or hostile file, refused before anything is sized by it. Loaders
+# also bound the layer count and vocabulary by what the weights file holds (checkpoint/).
+MAX_LAYERS = 1024
+MAX_POSITIONS = 1 << 17  # 131072, Gemma 3's longest context
+
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddingGemmaConfig:
@@ -56,6 +62,18 @@ class EmbeddingGemmaConfig:
                 raise CheckpointError(f"config field {f.name}={value!r} must be a positive finite number")
         if not all(type(w) is int and w > 0 for w in self.dense_features):
             raise CheckpointError(f"dense_features={self.dense_features!r} must be positive ints")
+        if self.num_layers > MAX_LAYERS:
+            raise CheckpointError(f"config field num_layers={self.num_layers} is absurd (at most {MAX_LAYERS})")
+        if self.max_position_embeddings > MAX_POSITIONS:
+            raise CheckpointError(
+                f"config field max_position_embeddings={self.max_position_embeddings} is absurd (at most "
+                f"{MAX_POSITIONS}, Gemma 3's longest context)"
+            )
+        if self.max_seq_length > self.max_position_embeddings:
+            raise CheckpointError(
+                f"config field max_seq_length={self.max_seq_length} exceeds max_position_embeddings="
+                f"{self.max_position_embeddings}"
+            )
         if len(self.layer_types) != self.num_layers:
             raise CheckpointError(
                 f"layer_types has {len(self.layer_types)} entries but num_layers is {self.num_layers}"
@@ -144,7 +162,7 @@ class EmbeddingGemmaConfig:
             )
         except CheckpointError:
             raise
-        except (AttributeError, KeyError, TypeError, ValueError) as e:
+        except (AttributeError, KeyError, TypeError, ValueError, ArithmeticError) as e:
             raise CheckpointError(f"config.json has a malformed value: {type(e).__name__}: {e}") from e
 
     @classmethod
@@ -194,28 +212,38 @@ class EmbeddingGemmaConfig:
         if hf.get("rope_scaling"):
             raise CheckpointError(f"rope_scaling={hf['rope_scaling']!r} is not supported")
 
-        num_layers = int(hf["num_hidden_layers"])
+        num_layers = _int(hf, "num_hidden_layers")
+        if num_layers > MAX_LAYERS:  # before a list of that length is built
+            raise CheckpointError(f"config.json has num_hidden_layers={num_layers}; absurd (at most {MAX_LAYERS})")
         layer_types = hf.get("layer_types")
         if layer_types is None:
-            pattern = int(hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6)))
+            key = "sliding_window_pattern" if "sliding_window_pattern" in hf else "_sliding_window_pattern"
+            pattern = _int(hf, key, 6)
+            if pattern < 1:
+                raise CheckpointError(
+                    f"config.json has {key}={pattern}; expected a positive int (e.g. 6: 5 local, 1 global)"
+                )
             layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(num_layers)]
-        max_pos = int(hf.get("max_position_embeddings", 2048))
+        elif not isinstance(layer_types, list):
+            raise CheckpointError(f"config.json has a malformed value: layer_types={layer_types!r:.80} is not a list")
+        max_pos = _int(hf, "max_position_embeddings", 2048)
+        hidden, heads = _int(hf, "hidden_size"), _int(hf, "num_attention_heads")
         return cls(
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf["intermediate_size"]),
+            vocab_size=_int(hf, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_int(hf, "intermediate_size"),
             num_layers=num_layers,
-            num_heads=int(hf["num_attention_heads"]),
-            num_kv_heads=int(hf["num_key_value_heads"]),
-            head_dim=int(hf.get("head_dim", int(hf["hidden_size"]) // int(hf["num_attention_heads"]))),
+            num_heads=heads,
+            num_kv_heads=_int(hf, "num_key_value_heads"),
+            head_dim=_int(hf, "head_dim", hidden // heads if heads > 0 else 0),
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_global_base=float(global_base),
             rope_local_base=float(local_base),
-            sliding_window=int(hf["sliding_window"]),
+            sliding_window=_int(hf, "sliding_window"),
             layer_types=tuple(layer_types),
             max_position_embeddings=max_pos,
-            max_seq_length=int(max_seq_length if max_seq_length is not None else max_pos),
+            max_seq_length=max_seq_length if max_seq_length is not None else max_pos,
             dense_features=tuple(int(x) for x in dense_features),
             pooling_mode=pooling_mode,
             include_prompt=include_prompt,
@@ -225,6 +253,14 @@ class EmbeddingGemmaConfig:
             bos_token_id=int(hf.get("bos_token_id", 2)),
             eos_token_id=int(_first(hf.get("eos_token_id", 1))),
         )
+
+
+def _int(hf: dict[str, Any], key: str, default: int | None = None) -> int:
+    """An integer field of config.json (a float, string or bool there is malformed, not rounded)."""
+    value = hf[key] if default is None else hf.get(key, default)
+    if type(value) is not int:
+        raise CheckpointError(f"config.json has a malformed value: {key}={value!r:.80} must be an integer")
+    return value
 
 
 def _first(x: Any) -> Any:

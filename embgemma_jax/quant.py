@@ -59,29 +59,6 @@ def quantize_leaf(path: tuple[str, ...], arr: np.ndarray) -> dict[str, np.ndarra
     return {name: q, name + "_scale": s}
 
 
-def quantize_params(params: dict[str, Any], put=lambda path, a: a) -> dict[str, Any]:
-    """A new tree with the large matrices as int8 + scales (others unchanged). Leaves are replaced one at a
-    time, so at most one float32 matrix is duplicated at once."""
-
-    def walk(tree: dict[str, Any], prefix: tuple[str, ...]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key in list(tree):
-            value = tree[key]
-            path = (*prefix, key)
-            if isinstance(value, dict):
-                out[key] = walk(value, path)
-                continue
-            quantized = quantize_leaf(path, np.asarray(value))
-            if quantized is None:
-                out[key] = value
-            else:
-                for name, arr in quantized.items():
-                    out[name] = put((*prefix, name), arr)
-        return out
-
-    return walk(params, ())
-
-
 def is_quantized(params: dict[str, Any]) -> bool:
     return "embedding_scale" in params.get("encoder", {})
 

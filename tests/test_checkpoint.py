@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from embgemma_jax import EMBEDDINGGEMMA_300M, CheckpointError, EmbeddingGemma, EmbeddingGemmaConfig
-from embgemma_jax.checkpoint.load import backbone_table, load_checkpoint, read_st_config
+from embgemma_jax.checkpoint import backbone_table, load_checkpoint, read_st_config
 from embgemma_jax.model import param_shapes
 
 # config.json of google/embeddinggemma-300m as published (old RoPE keys: rope_theta, rope_local_base_freq).

@@ -19,7 +19,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from embgemma_jax import CheckpointError, EmbeddingGemma
-from embgemma_jax.checkpoint.load import load_checkpoint
+from embgemma_jax.checkpoint import load_checkpoint
 
 
 def _copy(tiny_ckpt: Path, tmp_path: Path) -> Path:
