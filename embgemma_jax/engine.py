@@ -126,6 +126,8 @@ class Engine:
         self.capture = jax.jit(self._capture, static_argnames=("capture",))
         self._lock = threading.Lock()
         self.compiled: set[tuple[str, tuple[int, int]]] = set()  # (program, (rows, tokens)) seen so far
+        # Tokens the device computed (rows x padded length) against the real ones, over every batch so far.
+        self.stats = {"real_tokens": 0, "device_tokens": 0, "batches": 0}
 
     # ------------------------------------------------------------------------------------------------
     # The programs
@@ -232,6 +234,10 @@ class Engine:
             out = [None if a is None else jnp.asarray(a, jnp.int32) for a in arrays]
         with self._lock:
             self.compiled.add((program, tuple(out[0].shape)))
+            if arrays[1] is not None:
+                self.stats["real_tokens"] += int(np.count_nonzero(arrays[1]))
+                self.stats["device_tokens"] += int(np.prod(out[0].shape))
+                self.stats["batches"] += 1
         return out
 
     def run_capture(self, params: Any, ids: np.ndarray, mask: np.ndarray, pool_mask: np.ndarray, capture: Capture):

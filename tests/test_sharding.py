@@ -16,6 +16,9 @@ from embgemma_jax.sharding import (
 )
 from tests.conftest import F32_ATOL
 
+# The 8 CPU devices conftest forces (also on a GPU machine, whose default backend has one device).
+CPU_DEVICES = jax.devices("cpu")
+
 # Lengths straddle the tiny model's window radius (8) and its max_seq_length (96, so the last is truncated);
 # 11 texts with batch_size 4 give batches of 4, 4 and 3 rows, none a multiple of 8 devices.
 TEXTS = [
@@ -34,7 +37,7 @@ TEXTS = [
 
 
 def test_eight_devices_are_visible():
-    assert jax.local_device_count() == 8, "conftest forces 8 CPU devices; the sharding tests need them"
+    assert len(CPU_DEVICES) == 8, "conftest forces 8 CPU devices; the sharding tests need them"
 
 
 def test_fsdp_axis_picks_largest_divisible_axis():
@@ -46,7 +49,7 @@ def test_fsdp_axis_picks_largest_divisible_axis():
 
 
 def test_param_sharding_and_padding_helpers():
-    mesh = make_mesh()
+    mesh = make_mesh(CPU_DEVICES)
     assert param_sharding(mesh, (512, 48)).spec == PartitionSpec(None, None)
     assert param_sharding(mesh, (512, 48), fsdp=True).spec == PartitionSpec("data", None)
     assert param_sharding(mesh, (3,), fsdp=True).spec == PartitionSpec(None)
@@ -60,7 +63,7 @@ def test_param_sharding_and_padding_helpers():
 
 
 def test_bad_mesh_and_arguments_are_refused(tiny_ckpt):
-    other = Mesh(np.array(jax.local_devices()), ("model",))
+    other = Mesh(np.array(CPU_DEVICES), ("model",))
     with pytest.raises(ValueError, match="axis named 'data'"):
         param_sharding(other, (4, 4))
     with pytest.raises(ValueError, match="needs a mesh"):
@@ -85,7 +88,7 @@ def _check_same(single: np.ndarray, sharded: np.ndarray) -> None:
 
 
 def test_replicated_params_from_pretrained_equal_single_device(tiny_ckpt, single_device):
-    model = EmbeddingGemma.from_pretrained(tiny_ckpt, mesh=make_mesh())
+    model = EmbeddingGemma.from_pretrained(tiny_ckpt, mesh=make_mesh(CPU_DEVICES))
     emb_table = model.params["encoder"]["embedding"]
     assert emb_table.sharding.is_fully_replicated and len(emb_table.sharding.device_set) == 8
     _check_same(single_device, model.encode(TEXTS, batch_size=4))
