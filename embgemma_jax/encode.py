@@ -12,18 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from embgemma_jax import sharding
 from embgemma_jax.batching import check_positive_int, check_truncate_dim
-from embgemma_jax.checkpoint.load import Checkpoint, load_checkpoint, save_converted
+from embgemma_jax.checkpoint import Checkpoint, load_checkpoint, save_converted
 from embgemma_jax.config import MATRYOSHKA_DIMS, EmbeddingGemmaConfig
 from embgemma_jax.engine import Engine, finish
 from embgemma_jax.model import EncoderOutput, check_attention_impl, resolve_dtype, stack_layers, unstack_layers
 from embgemma_jax.pooling import PoolingLike, as_pooling_spec, get_pooling, normalize_rows
 from embgemma_jax.prompts import prepare
-from embgemma_jax.quant import check_quantize, expand_quantized, is_quantized, quantizing_put
+from embgemma_jax.quant import is_quantized
 from embgemma_jax.research.variants import Intermediates, embed_variants, inspect
 from embgemma_jax.tokenizer import Tokenizer
 
@@ -104,28 +103,17 @@ class EmbeddingGemma:
         if compilation_cache_dir is not None:
             enable_compilation_cache(compilation_cache_dir)
         compute = resolve_dtype(dtype)
-        check_quantize(quantize)
-        store = np.float32 if compute == jnp.float32 else jnp.bfloat16
-        if fsdp and mesh is None:
-            raise ValueError("fsdp=True needs a mesh, e.g. mesh=embgemma_jax.sharding.make_mesh()")
-
-        def put(_path: tuple[str, ...], arr: np.ndarray) -> jax.Array:
-            if arr.dtype.kind == "f" or arr.dtype == jnp.bfloat16:
-                arr = arr.astype(store if not _path[-1].endswith("_scale") else np.float32, copy=False)
-            if mesh is None:
-                return jax.device_put(arr)
-            return jax.device_put(arr, sharding.param_sharding(mesh, arr.shape, fsdp=fsdp))
-
         ckpt = load_checkpoint(
             name_or_path,
-            dtype=np.float32 if quantize else store,
-            put=quantizing_put(put) if quantize else put,
+            dtype=compute,
+            quantize=quantize,
+            mesh=mesh,
+            fsdp=fsdp,
+            on_device=True,
             revision=revision,
             cache_dir=cache_dir,
             token=token,
         )
-        if quantize:
-            ckpt.params = expand_quantized(ckpt.params)
         model = cls(ckpt, dtype=compute, attention_impl=attention_impl)
         if mesh is not None:
             model.params = sharding.shard_params(model.params, mesh, fsdp=fsdp)  # the stacked layers too

@@ -273,7 +273,7 @@ def test_on_device_placement_casts_to_the_storage_dtype(tiny_ckpt, dtype, store)
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_int8_on_a_mesh_equals_quantizing_the_host_weights(tiny_ckpt, fsdp):
     """dtype + quantize + mesh at load time give exactly what each step gives on the float32 host weights."""
-    mesh = make_mesh()
+    mesh = make_mesh(jax.devices("cpu"))  # the 8 forced CPU devices, also where the default backend is a GPU
     host = dict(_leaves(load_checkpoint(tiny_ckpt).params))
     placed = dict(_leaves(load_checkpoint(tiny_ckpt, dtype="bfloat16", quantize="int8", mesh=mesh, fsdp=fsdp).params))
     expected: dict[tuple[str, ...], np.ndarray] = {}
