@@ -1,0 +1,233 @@
+"""Dynamic batching: requests wait in a bounded queue; one device thread coalesces them.
+
+The device thread takes every waiting request (oldest first, up to ``max_batch_tokens`` tokens; a larger
+request goes alone) and runs one ``model.encode`` over all their texts with one prompt per text and
+``token_budget=max_batch_tokens``, so the planner that ``encode`` uses packs the batches. The rows are
+split back per request. When the call returns, the thread takes what has queued meanwhile at once, so
+the device never idles while requests wait.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from embgemma_jax.batching import BUCKETS, bucket_lengths
+from embgemma_jax.server.metrics import Metrics
+
+log = logging.getLogger("embgemma_jax.server")
+
+
+_WARMUP_WORDS = "the quick brown fox jumps over the lazy dog while a planet turns".split()
+
+
+def rows_per_batch(max_batch_tokens: int) -> int:
+    """The ``batch_size`` the server passes to ``encode``: rows are bounded by the token budget, not by a
+    row count, so a batch of the shortest length bucket (16 tokens) may hold ``max_batch_tokens // 16``."""
+    return max(1, max_batch_tokens // BUCKETS[0])
+
+
+@dataclasses.dataclass
+class Job:
+    """One request's texts, their prompt, and the future its [n, E] float32 rows go to."""
+
+    texts: list[str]
+    prompt: str
+    tokens: int
+    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+    enqueued: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+class Overloaded(Exception):
+    """The queue holds ``max_concurrent_requests`` requests already."""
+
+
+class Draining(Exception):
+    """The server is shutting down and takes no new requests."""
+
+
+class Batcher:
+    """The bounded request queue and the one thread that drives the device.
+
+    Args:
+      model: an :class:`~embgemma_jax.EmbeddingGemma`; only this thread calls its ``encode``.
+      max_batch_tokens: the token budget of one device batch, and the most tokens one ``encode`` call takes
+        from the queue (a single larger request is taken alone).
+      max_concurrent_requests: requests admitted at once (queued or running); one more is refused.
+    """
+
+    def __init__(self, model: Any, *, max_batch_tokens: int, max_concurrent_requests: int, metrics: Metrics) -> None:
+        self.model = model
+        self.max_batch_tokens = max_batch_tokens
+        self.max_concurrent_requests = max_concurrent_requests
+        self.batch_size = rows_per_batch(max_batch_tokens)
+        self.metrics = metrics
+        self._cv = threading.Condition()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._admitted = 0
+        self._draining = False
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="embgemma-device", daemon=True)
+
+    # ------------------------------------------------------------------------------------------------
+    # Request side (event loop / handler threads)
+
+    def admit(self) -> None:
+        """Takes a slot for one request; raises :class:`Overloaded` or :class:`Draining`."""
+        with self._cv:
+            if self._draining:
+                raise Draining()
+            if self._admitted >= self.max_concurrent_requests:
+                raise Overloaded()
+            self._admitted += 1
+            self.metrics.in_flight.set(self._admitted)
+
+    def release(self) -> None:
+        """Gives back the slot of an admitted request (answered or failed)."""
+        with self._cv:
+            self._admitted -= 1
+            self.metrics.in_flight.set(self._admitted)
+            self._cv.notify_all()
+
+    def submit(self, texts: list[str], prompt: str, tokens: int) -> concurrent.futures.Future:
+        """Queues an admitted request's texts (``tokens`` in all, with the prompt); the future gets their
+        [n, E] float32 rows."""
+        job = Job(texts, prompt, tokens)
+        with self._cv:
+            if self._stopping:
+                raise Draining()
+            self._queue.append(job)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cv.notify_all()
+        return job.future
+
+    @property
+    def admitted(self) -> int:
+        with self._cv:
+            return self._admitted
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def start_draining(self) -> None:
+        """From now on :meth:`admit` refuses; admitted requests still run. (A plain flag: this is called
+        from a signal handler, which must not wait for a lock.)"""
+        self._draining = True
+
+    # ------------------------------------------------------------------------------------------------
+    # Device side
+
+    def warmup_shapes(self) -> list[tuple[int, int]]:
+        """Every (rows, padded length) batch the planner can make under this budget: per length bucket, the
+        powers of two below its row cap and the cap itself."""
+        shapes = []
+        for length in bucket_lengths(self.model.config.max_seq_length):
+            cap = max(1, min(self.batch_size, self.max_batch_tokens // length))
+            rows = sorted({min(2**k, cap) for k in range(cap.bit_length() + 1)})
+            shapes += [(r, length) for r in rows]
+        return shapes
+
+    def warmup(self, log_every: float = 10.0) -> int:
+        """Compiles every batch shape of :meth:`warmup_shapes` before serving, through ``encode`` itself
+        (``r`` copies of a text of the bucket's length), so no request waits for a compilation. Returns
+        the number of shapes run. Call before :meth:`start`."""
+        shapes = self.warmup_shapes()
+        started = last = time.perf_counter()
+        texts: dict[int, str] = {}
+        for i, (rows, length) in enumerate(shapes):
+            if length not in texts:
+                texts[length] = self._text_of_bucket(length)
+            self.model.encode(
+                [texts[length]] * rows,
+                prompts_per_text=[""] * rows,
+                batch_size=self.batch_size,
+                token_budget=self.max_batch_tokens,
+            )
+            if time.perf_counter() - last > log_every:
+                last = time.perf_counter()
+                log.info("warm-up: %d/%d batch shapes compiled (%.0f s)", i + 1, len(shapes), last - started)
+        return len(shapes)
+
+    def _text_of_bucket(self, length: int) -> str:
+        """A text whose token count (BOS and EOS included) pads to ``length``: longer than the bucket below."""
+        buckets = bucket_lengths(self.model.config.max_seq_length)
+        below = max([b for b in buckets if b < length], default=0)
+        tok = self.model.tokenizer
+        for offset in range(len(_WARMUP_WORDS)):  # another start if one word jumps over the bucket
+            words: list[str] = []
+            for i in range(4 * length):
+                words.append(_WARMUP_WORDS[(offset + i) % len(_WARMUP_WORDS)])
+                n = len(tok.encode([" ".join(words)])[0])
+                if n > below:
+                    if n <= length:
+                        return " ".join(words)
+                    break
+        raise RuntimeError(f"could not build a warm-up text of {below + 1} to {length} tokens")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Runs what is queued, then ends the device thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+
+    def _take(self) -> list[Job] | None:
+        with self._cv:
+            while not self._queue and not self._stopping:
+                self._cv.wait()
+            if not self._queue:
+                return None
+            group = [self._queue.popleft()]
+            tokens = group[0].tokens
+            while self._queue and tokens + self._queue[0].tokens <= self.max_batch_tokens:
+                tokens += self._queue[0].tokens
+                group.append(self._queue.popleft())
+            self.metrics.queue_depth.set(len(self._queue))
+            return group
+
+    def _loop(self) -> None:
+        while (group := self._take()) is not None:
+            self._run(group)
+
+    def _run(self, group: list[Job]) -> None:
+        # A request whose caller went away (future cancelled) is skipped; the others can no longer be cancelled.
+        group = [job for job in group if job.future.set_running_or_notify_cancel()]
+        if not group:
+            return
+        texts = [t for job in group for t in job.texts]
+        prompts = [job.prompt for job in group for _ in job.texts]
+        started = time.perf_counter()
+        for job in group:
+            self.metrics.queue_seconds.observe(started - job.enqueued)
+        try:
+            rows = self.model.encode(
+                texts,
+                prompts_per_text=prompts,
+                batch_size=self.batch_size,
+                token_budget=self.max_batch_tokens,
+            )
+        except Exception as e:  # the request(s) fail, the server stays up
+            log.exception("encode failed for a batch of %d requests", len(group))
+            for job in group:
+                job.future.set_exception(e)
+            return
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        self.metrics.batch_requests.observe(len(group))
+        self.metrics.batch_texts.observe(len(texts))
+        self.metrics.batch_tokens.observe(sum(job.tokens for job in group))
+        start = 0
+        for job in group:
+            n = len(job.texts)
+            job.future.set_result(np.ascontiguousarray(rows[start : start + n]))
+            start += n
