@@ -28,7 +28,15 @@ import numpy as np
 
 from embgemma_jax import batching, sharding
 from embgemma_jax.config import EmbeddingGemmaConfig
-from embgemma_jax.model import DenseHead, EmbeddingGemmaModule, Encoder, EncoderOutput, RMSNorm, unstack_layers
+from embgemma_jax.model import (
+    DenseHead,
+    EmbeddingGemmaModule,
+    Encoder,
+    EncoderOutput,
+    Packing,
+    RMSNorm,
+    unstack_layers,
+)
 from embgemma_jax.pooling import PoolingPlan, PoolingSpec, l2_normalize, normalize_rows, pool
 from embgemma_jax.prompts import exclude_prompt, prompt_lengths
 from embgemma_jax.tokenizer import Tokenizer
@@ -121,6 +129,7 @@ class Engine:
         self.reference_plan = PoolingSpec("mean", config.include_prompt).plan(config.num_layers, config.normalize)
         self.mesh: jax.sharding.Mesh | None = None  # None: every batch on the default device
         self.forward = jax.jit(self._forward, static_argnames=("return_hidden_states",))
+        self.forward_packed = jax.jit(self._forward_packed, static_argnames=("num_segments",))
         self.states = jax.jit(self._states, static_argnames=("all_layers",))
         self.pool_head = jax.jit(self._pool_head, static_argnames=("plan",))
         self.capture = jax.jit(self._capture, static_argnames=("capture",))
@@ -134,6 +143,12 @@ class Engine:
 
     def _forward(self, params, ids, mask, pool_mask, *, return_hidden_states=False) -> EncoderOutput:
         return self.module.apply({"params": params}, ids, mask, pool_mask, return_hidden_states=return_hidden_states)
+
+    def _forward_packed(self, params, ids, segments, positions, *, num_segments: int) -> jax.Array:
+        """Packed rows -> embeddings [rows * num_segments, E] (see EmbeddingGemmaModule.packed)."""
+        packing = Packing(segments, positions)
+        out = self.module.apply({"params": params}, ids, packing, num_segments, method=EmbeddingGemmaModule.packed)
+        return out.embeddings
 
     def _states(self, enc_params, ids, mask, *, all_layers: bool) -> tuple[jax.Array, ...]:
         last, hidden = self.encoder.apply({"params": enc_params}, ids, mask, return_hidden_states=all_layers)
@@ -267,18 +282,25 @@ class Engine:
 
     @staticmethod
     def dispatch_ahead(
-        batches: Iterable[tuple[np.ndarray, Any]], dispatch: Callable[[np.ndarray, Any], Any]
+        batches: Iterable[tuple[np.ndarray, Any]], dispatch: Callable[[np.ndarray, Any], tuple[Any, Any]]
     ) -> Iterator[tuple[np.ndarray, Any]]:
         """Yields (indices, NumPy results) per batch; each batch is dispatched before the previous one's
-        results are read back, so the host prepares the next batch while the device computes."""
-        pending: collections.deque[tuple[np.ndarray, Any]] = collections.deque()
+        results are read back, so the host prepares the next batch while the device computes.
+
+        ``dispatch(indices, batch)`` returns the device results and which of their rows belong to the
+        texts, in order: a slice (padded batches: the first rows) or an index array (packed rows)."""
+        pending: collections.deque[tuple[np.ndarray, Any, Any]] = collections.deque()
+
+        def take(x: jax.Array, select: Any) -> np.ndarray:
+            out = np.asarray(x[select]) if isinstance(select, slice) else np.asarray(x)[select]
+            return out.astype(np.float32, copy=False)
 
         def read() -> tuple[np.ndarray, Any]:
-            idx, out = pending.popleft()
-            return idx, jax.tree_util.tree_map(lambda x: np.asarray(x[: len(idx)], dtype=np.float32), out)
+            idx, out, select = pending.popleft()
+            return idx, jax.tree_util.tree_map(lambda x: take(x, select), out)
 
         for idx, batch in batches:
-            pending.append((idx, dispatch(idx, batch)))
+            pending.append((idx, *dispatch(idx, batch)))
             if len(pending) > 1:
                 yield read()
         while pending:
@@ -324,7 +346,7 @@ class Engine:
             if fused:
                 d_ids, d_mask = self.place("forward", ids, mask)
                 emb = self.forward(params, d_ids, d_mask, d_mask).embeddings
-                return dict.fromkeys(plans, emb)
+                return dict.fromkeys(plans, emb), slice(0, len(idx))
             d_ids, d_mask, d_without = self.place("states", ids, mask, without)
             states = self.states(enc_params, d_ids, d_mask, all_layers=all_layers)
             out = {}
@@ -332,13 +354,24 @@ class Engine:
                 selected = tuple(states[i] if all_layers else states[0] for i in plan.layers)
                 pm = d_mask if plan.include_prompt else d_without
                 out[name] = self.pool_head(pool_params, selected, d_mask, pm, plan=plan)[2]
-            return out
+            return out, slice(0, len(idx))
+
+        def dispatch_packed(idx: np.ndarray, b: batching.PackedBatch) -> tuple[dict[str, jax.Array], np.ndarray]:
+            self.check_ids(b.input_ids)
+            d_ids, d_seg, d_pos = self.place("forward_packed", b.input_ids, b.segment_ids, b.positions)
+            emb = self.forward_packed(params, d_ids, d_seg, d_pos, num_segments=b.segments)
+            return dict.fromkeys(plans, emb), b.slots
 
         bar = progress_bar(len(texts), "encode", progress)
         out: dict[str, np.ndarray] = {}
-        batches = batching.padded_batches(self.tokenizer, texts, batch_size, token_budget)
+        if fused and token_budget is not None:  # throughput mode: several texts per row
+            batches = batching.packed_batches(self.tokenizer, texts, batch_size, token_budget)
+            run = self.dispatch_ahead(batches, dispatch_packed)
+        else:
+            batches = batching.padded_batches(self.tokenizer, texts, batch_size, token_budget)
+            run = self.dispatch_ahead(batches, dispatch)
         try:
-            for idx, result in self.dispatch_ahead(batches, dispatch):
+            for idx, result in run:
                 for name, emb in result.items():
                     if name not in out:
                         out[name] = np.empty((len(texts), emb.shape[1]), dtype=np.float32)

@@ -49,8 +49,22 @@ def banded_block(radius: int) -> int:
     return max(8, radius)
 
 
-def banded_mask(key_valid: jax.Array, radius: int, block: int | None = None) -> BandedMask:
-    """The sliding-window mask in the banded layout (same visibility as ``attention_mask(., radius)``)."""
+def segment_mask(segments: jax.Array, radius: int | None) -> jax.Array:
+    """Visibility [B, T, S] for packed rows: several texts per row, ``segments`` [B, T] int (1, 2, ... per
+    text, 0 on padding). Key j is visible from query i iff both belong to the same text (and, with a radius,
+    |i - j| <= radius): each token attends within its own text exactly as it would alone in a row."""
+    visible = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+    if radius is None:
+        return visible
+    pos = jnp.arange(segments.shape[1])
+    return visible & (jnp.abs(pos[:, None] - pos[None, :]) <= radius)[None]
+
+
+def banded_mask(
+    key_valid: jax.Array, radius: int, block: int | None = None, segments: jax.Array | None = None
+) -> BandedMask:
+    """The sliding-window mask in the banded layout (same visibility as ``attention_mask(., radius)``, or as
+    ``segment_mask(segments, radius)`` for packed rows)."""
     b, t = key_valid.shape
     radius = min(radius, t - 1)  # |i - j| <= t - 1 always: a larger radius only widens the padding
     block = block or min(banded_block(radius), t)
@@ -64,6 +78,10 @@ def banded_mask(key_valid: jax.Array, radius: int, block: int | None = None) -> 
     k_pos = key_index - radius  # [nb, W]
     band = np.abs(q_pos[:, :, None] - k_pos[:, None, :]) <= radius  # [nb, C, W]
     visible = jnp.asarray(band)[None] & valid_win[:, :, None, :]
+    if segments is not None:  # packed rows: the key must belong to the query's text
+        seg_win = jnp.pad(segments, ((0, 0), (radius, pad_right + radius)))[:, key_index]  # [B, nb, W]
+        seg_q = jnp.pad(segments, ((0, 0), (0, pad_right))).reshape(b, nb, block)  # [B, nb, C]
+        visible = visible & (seg_q[:, :, :, None] == seg_win[:, :, None, :])
     return BandedMask(visible, key_index, block, radius, pad_right)
 
 

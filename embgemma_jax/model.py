@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from embgemma_jax.config import SLIDING, EmbeddingGemmaConfig
-from embgemma_jax.masks import BandedMask, attention_mask, banded_mask, use_banded
-from embgemma_jax.pooling import l2_normalize, mean_pool
+from embgemma_jax.masks import BandedMask, attention_mask, banded_mask, segment_mask, use_banded
+from embgemma_jax.pooling import l2_normalize, mean_pool, segment_mean_pool
 
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 # Sliding-layer attention: "dense" masks a full [T, T] score matrix, "banded" computes query blocks against
@@ -82,18 +82,20 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(positions: jax.Array, head_dim: int, base: float, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables [T, H] in the rotate-half layout (dim k pairs with k + H/2), as transformers."""
+    """cos/sin tables [T, H] (positions [T]) or [B, T, H] (positions [B, T], packed rows) in the rotate-half
+    layout (dim k pairs with k + H/2), as transformers."""
     inv_freq = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, *, H]; cos/sin [T, H]."""
+    """x [B, T, *, H]; cos/sin [T, H] or [B, T, H]."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    shape = (1, cos.shape[0]) + (1,) * (x.ndim - 3) + (cos.shape[1],)
+    lead = (1, cos.shape[0]) if cos.ndim == 2 else cos.shape[:2]
+    shape = lead + (1,) * (x.ndim - 3) + (cos.shape[-1],)
     return x * cos.reshape(shape) + rotated * sin.reshape(shape)
 
 
@@ -242,8 +244,8 @@ class LayerGroup(nn.Module):
     return_hidden_states: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-        masks, ropes = _masks_and_ropes(self.config, valid, self.dtype, self.attention_impl)
+    def __call__(self, x: jax.Array, valid: jax.Array, packing: Packing | None) -> tuple[jax.Array, jax.Array | None]:
+        masks, ropes = _masks_and_ropes(self.config, valid, self.dtype, self.attention_impl, packing)
         outs = []
         for j, layer_type in enumerate(self.layer_types):
             kind = _kind(layer_type)
@@ -252,17 +254,32 @@ class LayerGroup(nn.Module):
         return x, (jnp.stack(outs) if self.return_hidden_states else None)
 
 
+class Packing(NamedTuple):
+    """Several texts per row: ``segments`` [B, T] (1, 2, ... per text, 0 on padding) and each token's
+    position inside its own text ``positions`` [B, T]."""
+
+    segments: jax.Array
+    positions: jax.Array
+
+
 def _masks_and_ropes(
-    cfg: EmbeddingGemmaConfig, valid: jax.Array, dt: jnp.dtype, attention_impl: str
+    cfg: EmbeddingGemmaConfig, valid: jax.Array, dt: jnp.dtype, attention_impl: str, packing: Packing | None = None
 ) -> tuple[dict[str, AttentionMask], dict[str, tuple[jax.Array, jax.Array]]]:
     t = valid.shape[1]
-    positions = jnp.arange(t)
     radius = cfg.window_radius
     banded = attention_impl == "banded" or (attention_impl == "auto" and use_banded(t, radius))
-    masks: dict[str, AttentionMask] = {
-        "full": attention_mask(valid, None),
-        "sliding": banded_mask(valid, radius) if banded else attention_mask(valid, radius),
-    }
+    if packing is None:
+        positions = jnp.arange(t)
+        masks: dict[str, AttentionMask] = {
+            "full": attention_mask(valid, None),
+            "sliding": banded_mask(valid, radius) if banded else attention_mask(valid, radius),
+        }
+    else:
+        positions, seg = packing.positions, packing.segments
+        masks = {
+            "full": segment_mask(seg, None),
+            "sliding": banded_mask(valid, radius, segments=seg) if banded else segment_mask(seg, radius),
+        }
     ropes = {
         "full": rope_tables(positions, cfg.head_dim, cfg.rope_global_base, dt),
         "sliding": rope_tables(positions, cfg.head_dim, cfg.rope_local_base, dt),
@@ -287,7 +304,12 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(
-        self, input_ids: jax.Array, attention_mask_2d: jax.Array, *, return_hidden_states: bool = False
+        self,
+        input_ids: jax.Array,
+        attention_mask_2d: jax.Array,
+        *,
+        return_hidden_states: bool = False,
+        packing: Packing | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
         cfg, dt = self.config, self.dtype
         table = self.param("embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
@@ -306,7 +328,7 @@ class Encoder(nn.Module):
         valid = attention_mask_2d.astype(bool)
         states = [x] if return_hidden_states else None
         if not self.scan_layers:
-            masks, ropes = _masks_and_ropes(cfg, valid, dt, self.attention_impl)
+            masks, ropes = _masks_and_ropes(cfg, valid, dt, self.attention_impl, packing)
             for i, layer_type in enumerate(cfg.layer_types):
                 kind = _kind(layer_type)
                 x = Block(cfg, layer_type, dt, name=f"layer_{i}")(x, masks[kind], *ropes[kind])
@@ -325,7 +347,7 @@ class Encoder(nn.Module):
             group = groups(
                 cfg, tuple(cfg.layer_types[:period]), dt, self.attention_impl, return_hidden_states, name="groups"
             )
-            x, outs = group(x, valid)
+            x, outs = group(x, valid, packing)
             if states is not None:  # outs [G, P, B, T, D]: layer g * P + j
                 states.extend(outs.reshape((-1, *outs.shape[2:])))
         x = RMSNorm(cfg.rms_norm_eps, name="final_norm")(x)
@@ -411,6 +433,17 @@ class EmbeddingGemmaModule(nn.Module):
     ) -> EncoderOutput:
         states, hidden = self.encoder(input_ids, attention_mask_2d, return_hidden_states=return_hidden_states)
         pooled = mean_pool(states, attention_mask_2d if pool_mask is None else pool_mask)
+        return self._head(pooled, states, hidden)
+
+    def packed(self, input_ids: jax.Array, packing: Packing, num_segments: int) -> EncoderOutput:
+        """Packed rows (:class:`Packing`): the reference pipeline per text. Returns embeddings and pooled
+        vectors [B * num_segments, .] (row b, text s at b * num_segments + s - 1; unused slots are zeros
+        through the head), and the token states [B, T, D]."""
+        states, _ = self.encoder(input_ids, packing.segments > 0, packing=packing)
+        pooled = segment_mean_pool(states, packing.segments, num_segments)
+        return self._head(pooled.reshape(-1, pooled.shape[-1]), states, None)
+
+    def _head(self, pooled: jax.Array, states: jax.Array, hidden: tuple[jax.Array, ...] | None) -> EncoderOutput:
         self.sow("intermediates", "pooled", pooled)
         emb = self.head(pooled)
         if self.config.normalize:

@@ -59,6 +59,17 @@ def mean_pool(states: jax.Array, mask: jax.Array, attention_mask: jax.Array | No
     return (total / jnp.maximum(count, 1e-9)).astype(states.dtype)
 
 
+def segment_mean_pool(states: jax.Array, segments: jax.Array, num_segments: int) -> jax.Array:
+    """Masked mean per text of packed rows: states [B, T, D], segments [B, T] (1..S per text, 0 padding)
+    -> [B, S, D]: for each text, sum(states of its tokens) / max(count, 1e-9), summed in float32 as
+    :func:`mean_pool` (the one-hot sum runs at full float32 precision)."""
+    acc = _accumulation_dtype(states.dtype)
+    onehot = (segments[:, None, :] == jnp.arange(1, num_segments + 1)[None, :, None]).astype(acc)  # [B, S, T]
+    total = jnp.einsum("BST,BTD->BSD", onehot, states.astype(acc), precision=jax.lax.Precision.HIGHEST)
+    count = jnp.sum(onehot, axis=-1)[..., None]
+    return (total / jnp.maximum(count, 1e-9)).astype(states.dtype)
+
+
 def mean_sqrt_len_pool(states: jax.Array, mask: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
     """Masked sum divided by the square root of the token count."""
     total, count = _masked_sum(states, mask)
