@@ -32,7 +32,7 @@ import numpy as np
 import openai
 import pytest
 
-from embgemma_jax.server.batcher import rows_per_batch
+from embgemma_jax.server.batcher import batch_size_for
 from embgemma_jax.testing import REAL_PROMPTS
 from tests.conftest import F32_ATOL
 
@@ -472,10 +472,11 @@ def test_sigterm_drains_then_exits_0(guarded, jax_model):
     assert resp.status_code == 200, resp.text
     assert guarded.proc.wait(60) == 0, guarded.log()
     assert "drained" in guarded.log()
-    # The drained request ran alone on the device: exactly encode with the server's batching parameters.
+    # The drained request ran alone on the device: exactly encode with the server's batch size.
     got = np.array([d["embedding"] for d in resp.json()["data"]], dtype=np.float32)
-    want = jax_model.encode(BIG, batch_size=rows_per_batch(MAX_BATCH_TOKENS), token_budget=MAX_BATCH_TOKENS)
-    assert np.array_equal(got, want)
+    longest = max(map(len, jax_model.tokenizer.encode(BIG)))
+    batch_size = batch_size_for(MAX_BATCH_TOKENS, longest, jax_model.config.max_seq_length)
+    assert np.array_equal(got, jax_model.encode(BIG, batch_size=batch_size))
 
 
 def test_bad_settings_exit_with_a_message(tiny_ckpt):

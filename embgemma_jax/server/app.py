@@ -35,6 +35,9 @@ DEFAULT_MAX_BATCH_TOKENS = 16384
 DEFAULT_MAX_CONCURRENT_REQUESTS = 512
 DEFAULT_MAX_CLIENT_BATCH_SIZE = 32
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+# Requests with at most this many characters are tokenized on the event loop (tens of microseconds);
+# larger ones in a worker thread, so the loop keeps answering.
+INLINE_TOKENIZE_CHARS = 4096
 
 
 def check_limit(value: Any, name: str, minimum: int = 1, why: str = "") -> int:
@@ -120,7 +123,10 @@ class EmbeddingService:
                 code="queue_full",
             ) from None
         try:
-            counts, truncated = await run_in_threadpool(self.count_tokens, call)
+            if sum(map(len, call.texts)) <= INLINE_TOKENIZE_CHARS:  # a thread hop costs more than this
+                counts, truncated = self.count_tokens(call)
+            else:
+                counts, truncated = await run_in_threadpool(self.count_tokens, call)
             if truncated and not call.truncate:
                 i = truncated[0]
                 window = self.tokenizer.max_length
@@ -132,7 +138,7 @@ class EmbeddingService:
                     code="input_too_long",
                 )
             try:
-                future = self.batcher.submit(call.texts, call.prompt, sum(counts))
+                future = self.batcher.submit(call.texts, call.prompt, counts)
             except Draining:
                 raise ApiError(503, "the server is shutting down", code="shutting_down") from None
             rows = await asyncio.wrap_future(future)

@@ -1,10 +1,15 @@
 """Dynamic batching: requests wait in a bounded queue; one device thread coalesces them.
 
 The device thread takes every waiting request (oldest first, up to ``max_batch_tokens`` tokens; a larger
-request goes alone) and runs one ``model.encode`` over all their texts with one prompt per text and
-``token_budget=max_batch_tokens``, so the planner that ``encode`` uses packs the batches. The rows are
-split back per request. When the call returns, the thread takes what has queued meanwhile at once, so
-the device never idles while requests wait.
+request goes alone) and runs one ``model.encode`` over all their texts with one prompt per text, so the
+planner that ``encode`` uses batches them. The rows are split back per request. When the call returns,
+the thread takes what has queued meanwhile at once, so the device never idles while requests wait.
+
+``encode`` runs on its exact path (padded batches, no ``token_budget``): with a token budget it packs
+several texts per row, which changes the last bits of the vectors, so a request could never match
+``encode`` of its own texts. The batch size keeps each batch within ``max_batch_tokens`` padded tokens:
+the largest power of two with ``rows * bucket(longest text of the call) <= max_batch_tokens``
+(:func:`batch_size_for`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from embgemma_jax.batching import BUCKETS, bucket_lengths
+from embgemma_jax.batching import MAX_BATCH_TOKENS, bucket_for, bucket_lengths
 from embgemma_jax.server.metrics import Metrics
 
 log = logging.getLogger("embgemma_jax.server")
@@ -28,10 +33,13 @@ log = logging.getLogger("embgemma_jax.server")
 _WARMUP_WORDS = "the quick brown fox jumps over the lazy dog while a planet turns".split()
 
 
-def rows_per_batch(max_batch_tokens: int) -> int:
-    """The ``batch_size`` the server passes to ``encode``: rows are bounded by the token budget, not by a
-    row count, so a batch of the shortest length bucket (16 tokens) may hold ``max_batch_tokens // 16``."""
-    return max(1, max_batch_tokens // BUCKETS[0])
+def batch_size_for(max_batch_tokens: int, longest: int, max_len: int) -> int:
+    """The ``batch_size`` the server passes to ``encode`` for a call whose longest text has ``longest``
+    tokens: the largest power of two with ``batch_size * bucket(longest) <= max_batch_tokens`` (at least 1).
+    Every batch of the call is then within the budget (the planner puts the longest texts first), and row
+    counts stay powers of two (few compiled shapes)."""
+    rows = max(1, max_batch_tokens // bucket_for(longest, bucket_lengths(max_len)))
+    return 1 << (rows.bit_length() - 1)
 
 
 @dataclasses.dataclass
@@ -40,7 +48,8 @@ class Job:
 
     texts: list[str]
     prompt: str
-    tokens: int
+    tokens: int  # in all, prompt, BOS and EOS included
+    longest: int  # tokens of the longest text
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     enqueued: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -67,7 +76,12 @@ class Batcher:
         self.model = model
         self.max_batch_tokens = max_batch_tokens
         self.max_concurrent_requests = max_concurrent_requests
-        self.batch_size = rows_per_batch(max_batch_tokens)
+        if max_batch_tokens > MAX_BATCH_TOKENS:
+            raise ValueError(
+                f"max_batch_tokens (--max-batch-tokens) must be at most {MAX_BATCH_TOKENS} (the planner's bound on "
+                f"one device batch), got {max_batch_tokens}"
+            )
+        self.max_len = model.config.max_seq_length
         self.metrics = metrics
         self._cv = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
@@ -96,10 +110,10 @@ class Batcher:
             self.metrics.in_flight.set(self._admitted)
             self._cv.notify_all()
 
-    def submit(self, texts: list[str], prompt: str, tokens: int) -> concurrent.futures.Future:
-        """Queues an admitted request's texts (``tokens`` in all, with the prompt); the future gets their
-        [n, E] float32 rows."""
-        job = Job(texts, prompt, tokens)
+    def submit(self, texts: list[str], prompt: str, counts: list[int]) -> concurrent.futures.Future:
+        """Queues an admitted request's texts (``counts``: tokens per text, with the prompt); the future gets
+        their [n, E] float32 rows."""
+        job = Job(texts, prompt, sum(counts), max(counts))
         with self._cv:
             if self._stopping:
                 raise Draining()
@@ -126,13 +140,12 @@ class Batcher:
     # Device side
 
     def warmup_shapes(self) -> list[tuple[int, int]]:
-        """Every (rows, padded length) batch the planner can make under this budget: per length bucket, the
-        powers of two below its row cap and the cap itself."""
+        """Every (rows, padded length) batch the server's calls can make: per length bucket, the powers of
+        two up to :func:`batch_size_for` that bucket."""
         shapes = []
-        for length in bucket_lengths(self.model.config.max_seq_length):
-            cap = max(1, min(self.batch_size, self.max_batch_tokens // length))
-            rows = sorted({min(2**k, cap) for k in range(cap.bit_length() + 1)})
-            shapes += [(r, length) for r in rows]
+        for length in bucket_lengths(self.max_len):
+            cap = batch_size_for(self.max_batch_tokens, length, self.max_len)
+            shapes += [(2**k, length) for k in range(cap.bit_length())]
         return shapes
 
     def warmup(self, log_every: float = 10.0) -> int:
@@ -148,8 +161,7 @@ class Batcher:
             self.model.encode(
                 [texts[length]] * rows,
                 prompts_per_text=[""] * rows,
-                batch_size=self.batch_size,
-                token_budget=self.max_batch_tokens,
+                batch_size=batch_size_for(self.max_batch_tokens, length, self.max_len),
             )
             if time.perf_counter() - last > log_every:
                 last = time.perf_counter()
@@ -211,11 +223,11 @@ class Batcher:
         for job in group:
             self.metrics.queue_seconds.observe(started - job.enqueued)
         try:
+            longest = max(job.longest for job in group)
             rows = self.model.encode(
                 texts,
                 prompts_per_text=prompts,
-                batch_size=self.batch_size,
-                token_budget=self.max_batch_tokens,
+                batch_size=batch_size_for(self.max_batch_tokens, longest, self.max_len),
             )
         except Exception as e:  # the request(s) fail, the server stays up
             log.exception("encode failed for a batch of %d requests", len(group))
