@@ -167,9 +167,12 @@ class Attention(nn.Module):
         if isinstance(mask, BandedMask):
             out = self._banded(q, key, v, mask, scale)
         else:
-            probs = masked_softmax(dot("BTKGH,BSKH->BKGTS", q, key, dt) * scale, mask[:, None, None])
-            self.sow("intermediates", "attention_probs", probs.reshape(b, n, t, -1))
-            out = dot("BKGTS,BSKH->BTKGH", probs, v, dt)
+            # Scores in [B, K, T, G, S]: the order dot_general produces from q [B, T, K, G, H] (batch B, K; free
+            # T, G and S), so neither q nor the scores are transposed (K = 1 here: moving it is free).
+            probs = masked_softmax(dot("BTKGH,BSKH->BKTGS", q, key, dt) * scale, mask[:, None, :, None, :])
+            if self.is_mutable_collection("intermediates"):
+                self.sow("intermediates", "attention_probs", probs.transpose(0, 1, 3, 2, 4).reshape(b, n, t, -1))
+            out = dot("BKTGS,BSKH->BTKGH", probs, v, dt)
         return dot("BTNH,NHD->BTD", out.reshape(b, t, n, h), w_o, dt, s_o)
 
     def _banded(self, q: jax.Array, key: jax.Array, v: jax.Array, mask: BandedMask, scale: jax.Array) -> jax.Array:
@@ -184,8 +187,9 @@ class Attention(nn.Module):
         k_win = jnp.pad(key, pad)[:, mask.key_index]  # [B, nb, W, K, H]
         v_win = jnp.pad(v, pad)[:, mask.key_index]
         q_blk = jnp.pad(q, ((0, 0), (0, mask.pad_right), (0, 0), (0, 0), (0, 0))).reshape(b, nb, c, k, g, h)
-        probs = masked_softmax(dot("BnCKGH,BnWKH->BnKGCW", q_blk, k_win, dt) * scale, mask.visible[:, :, None, None])
-        out = dot("BnKGCW,BnWKH->BnCKGH", probs, v_win, dt)
+        vis = mask.visible[:, :, None, :, None, :]  # [B, nb, 1, C, 1, W]
+        probs = masked_softmax(dot("BnCKGH,BnWKH->BnKCGW", q_blk, k_win, dt) * scale, vis)
+        out = dot("BnKCGW,BnWKH->BnCKGH", probs, v_win, dt)
         return out.reshape(b, nb * c, k, g, h)[:, :t]
 
 
