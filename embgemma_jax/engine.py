@@ -278,6 +278,40 @@ class Engine:
         return out if ids.shape[0] == n else jax.tree_util.tree_map(lambda x: x[:n], out)
 
     # ------------------------------------------------------------------------------------------------
+    # Compiling up front
+
+    def batch_shapes(
+        self, texts: Sequence[str], *, batch_size: int = 32, token_budget: int | None = None
+    ) -> set[tuple[Any, ...]]:
+        """The program shapes encoding these (prompted) texts with the reference plan will run: (rows,
+        length) of padded batches, (rows, length, segments) of packed ones. Tokenizes; runs nothing."""
+        batching.check_batching(batch_size, token_budget)
+        if token_budget is not None:
+            batches = batching.packed_batches(self.tokenizer, texts, batch_size, token_budget)
+            return {(*b.input_ids.shape, b.segments) for _, b in batches}
+        return {b["input_ids"].shape for _, b in batching.padded_batches(self.tokenizer, texts, batch_size)}
+
+    def warmup(self, params: Any, shapes: Iterable[tuple[Any, ...]]) -> int:
+        """Compiles the reference programs for these shapes (from :meth:`batch_shapes`) by running each once on
+        placeholder ids, so the job that follows waits for no compilation; with the persistent compilation
+        cache on, the next process loads them instead. Returns the number of shapes run."""
+        n, saved = 0, dict(self.stats)
+        for shape in sorted(shapes):
+            rows, length = shape[:2]
+            ids = np.zeros((rows, length), np.int32)
+            ones = np.ones((rows, length), np.int32)
+            if len(shape) == 3:
+                d_ids, d_seg, d_pos = self.place("forward_packed", ids, ones, np.zeros_like(ids))
+                jax.block_until_ready(self.forward_packed(params, d_ids, d_seg, d_pos, num_segments=shape[2]))
+            else:
+                d_ids, d_mask = self.place("forward", ids, ones)
+                jax.block_until_ready(self.forward(params, d_ids, d_mask, d_mask).embeddings)
+            n += 1
+        with self._lock:  # placeholders are not work: the token counts stay those of real batches
+            self.stats.update(saved)
+        return n
+
+    # ------------------------------------------------------------------------------------------------
     # The loop
 
     @staticmethod

@@ -75,3 +75,18 @@ def test_packed_bfloat16_and_mesh(tiny_ckpt, jax_model):
 def test_packing_respects_the_batch_cap(jax_model):
     for _, b in packed_batches(jax_model.tokenizer, _texts(50), 10**6, 10**9):
         assert b.input_ids.size <= MAX_BATCH_TOKENS
+
+
+@pytest.mark.parametrize("token_budget", [None, 1024])
+def test_warmup_compiles_every_shape_the_job_uses(tiny_ckpt, token_budget):
+    """After engine.warmup(batch_shapes(texts)), encoding those texts compiles no new program."""
+    model = EmbeddingGemma.from_pretrained(tiny_ckpt)
+    texts = _texts(150, seed=4)
+    shapes = model.engine.batch_shapes(texts, batch_size=16, token_budget=token_budget)
+    assert model.engine.warmup(model.params, shapes) == len(shapes) >= 2
+    program = model.engine.forward if token_budget is None else model.engine.forward_packed
+    compiled = program._cache_size()
+    assert compiled == len(shapes)
+    model.encode(texts, batch_size=16, token_budget=token_budget)
+    assert program._cache_size() == compiled
+    assert model.engine.stats["batches"] > 0  # real batches counted, placeholders not
