@@ -18,12 +18,15 @@ from embgemma_jax import sharding
 from embgemma_jax.batching import check_positive_int, check_truncate_dim
 from embgemma_jax.checkpoint import Checkpoint, load_checkpoint, save_converted
 from embgemma_jax.config import MATRYOSHKA_DIMS, EmbeddingGemmaConfig
-from embgemma_jax.engine import Engine, finish
+from embgemma_jax.engine import Engine, finish, progress_bar
 from embgemma_jax.model import EncoderOutput, check_attention_impl, resolve_dtype, stack_layers, unstack_layers
-from embgemma_jax.pooling import PoolingLike, as_pooling_spec, get_pooling, normalize_rows
-from embgemma_jax.prompts import prepare
+from embgemma_jax.outputs import as_dicts, check_output_value, convert, token_outputs
+from embgemma_jax.pooling import PoolingLike, PoolingPlan, as_pooling_spec, get_pooling
+from embgemma_jax.precision import check_precision, quantize_embeddings
+from embgemma_jax.prompts import Prompted, prepare
 from embgemma_jax.quant import is_quantized
 from embgemma_jax.research.variants import Intermediates, embed_variants, inspect
+from embgemma_jax.similarity import check_similarity_fn_name, similarity, similarity_pairwise
 from embgemma_jax.tokenizer import Tokenizer
 
 
@@ -45,9 +48,22 @@ class EmbeddingGemma:
     """EmbeddingGemma in JAX with the sentence-transformers encode API.
 
     Build it with :meth:`from_pretrained`. ``encode`` returns NumPy arrays.
+
+    Attributes:
+      truncate_dim: the Matryoshka width ``encode`` keeps when its own ``truncate_dim`` is None (None: all).
+      similarity_fn_name: "cosine", "dot", "euclidean" or "manhattan": what :meth:`similarity` and
+        :meth:`similarity_pairwise` compute (see :mod:`embgemma_jax.similarity`).
     """
 
-    def __init__(self, checkpoint: Checkpoint, *, dtype: Any = "float32", attention_impl: str = "auto") -> None:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        *,
+        dtype: Any = "float32",
+        attention_impl: str = "auto",
+        truncate_dim: int | None = None,
+        similarity_fn_name: str | None = None,
+    ) -> None:
         self.dtype = resolve_dtype(dtype)
         self.attention_impl = check_attention_impl(attention_impl)
         self.config: EmbeddingGemmaConfig = checkpoint.config
@@ -67,6 +83,28 @@ class EmbeddingGemma:
         get_pooling(self.config.pooling_mode)  # raises on a mode we do not implement
         self.engine = Engine(self.config, self.dtype, self.attention_impl, self.tokenizer)
         self.fsdp = False
+        self.truncate_dim = truncate_dim
+        # As sentence-transformers: the argument, else the checkpoint's config_sentence_transformers.json, else cosine.
+        if similarity_fn_name is None:
+            similarity_fn_name = getattr(checkpoint, "similarity_fn_name", None) or "cosine"
+        self.similarity_fn_name = similarity_fn_name
+
+    @property
+    def truncate_dim(self) -> int | None:
+        return self._truncate_dim
+
+    @truncate_dim.setter
+    def truncate_dim(self, value: int | None) -> None:
+        full = self.config.embedding_dim
+        self._truncate_dim = None if value is None else check_truncate_dim(value, full, _trained_dims(full))
+
+    @property
+    def similarity_fn_name(self) -> str:
+        return self._similarity_fn_name
+
+    @similarity_fn_name.setter
+    def similarity_fn_name(self, value: str) -> None:
+        self._similarity_fn_name = check_similarity_fn_name(value)
 
     # ------------------------------------------------------------------------------------------------
     # Construction
@@ -85,6 +123,8 @@ class EmbeddingGemma:
         mesh: jax.sharding.Mesh | None = None,
         fsdp: bool = False,
         compilation_cache_dir: str | Path | None = None,
+        truncate_dim: int | None = None,
+        similarity_fn_name: str | None = None,
     ) -> EmbeddingGemma:
         """Loads a Hub id (e.g. ``google/embeddinggemma-300m``), a sentence-transformers directory, or a
         directory written by ``embgemma-jax convert``.
@@ -99,7 +139,13 @@ class EmbeddingGemma:
           fsdp: with a mesh, split every parameter over the devices instead of replicating it.
           compilation_cache_dir: enable JAX's persistent compilation cache there (see
             :func:`enable_compilation_cache`), so the next process start does not recompile.
+          truncate_dim: the default Matryoshka width of ``encode`` (see :attr:`truncate_dim`).
+          similarity_fn_name: "cosine", "dot", "euclidean" or "manhattan" (default: the checkpoint's, else
+            cosine).
         """
+        check_positive_int(truncate_dim, "truncate_dim", optional=True)  # the bound is checked once loaded
+        if similarity_fn_name is not None:
+            check_similarity_fn_name(similarity_fn_name)
         if compilation_cache_dir is not None:
             enable_compilation_cache(compilation_cache_dir)
         compute = resolve_dtype(dtype)
@@ -114,7 +160,13 @@ class EmbeddingGemma:
             cache_dir=cache_dir,
             token=token,
         )
-        model = cls(ckpt, dtype=compute, attention_impl=attention_impl)
+        model = cls(
+            ckpt,
+            dtype=compute,
+            attention_impl=attention_impl,
+            truncate_dim=truncate_dim,
+            similarity_fn_name=similarity_fn_name,
+        )
         if mesh is not None:
             model.params = sharding.shard_params(model.params, mesh, fsdp=fsdp)  # the stacked layers too
             model.engine.mesh, model.fsdp = mesh, fsdp
@@ -202,20 +254,38 @@ class EmbeddingGemma:
         normalize_embeddings: bool = False,
         show_progress_bar: bool | None = None,
         *,
+        output_value: str | None = "sentence_embedding",
+        precision: str = "float32",
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        ranges: np.ndarray | None = None,
+        calibration_embeddings: np.ndarray | None = None,
         token_budget: int | None = None,
         prompts_per_text: Sequence[str] | None = None,
         titles: str | Sequence[str | None] | None = None,
         pooling: PoolingLike = None,
         layers: int | Sequence[int] | None = None,
         include_prompt: bool | None = None,
-    ) -> np.ndarray:
-        """Embeds texts. Returns float32 [N, E] ([E] for a single str), in input order.
+    ) -> Any:
+        """Embeds texts. By default returns float32 [N, E] ([E] for a single str), in input order.
 
         Args:
           prompt_name: a key of :attr:`prompts` (e.g. "query", "document", "STS").
           prompt: an explicit prompt string; wins over prompt_name.
-          truncate_dim: keep the first truncate_dim dimensions (Matryoshka).
-          normalize_embeddings: L2-normalize after truncation.
+          truncate_dim: keep the first truncate_dim dimensions (Matryoshka); None: :attr:`truncate_dim`.
+          normalize_embeddings: L2-normalize after truncation (sentence embeddings only, as the reference).
+          output_value: "sentence_embedding" (default); "token_embeddings": one float32 [T_i, D] array of
+            final-normed token states per text, without padding; None: one dict of every output per text
+            (see :mod:`embgemma_jax.outputs`).
+          precision: "float32" (default), "int8", "uint8", "binary" or "ubinary", applied after truncation
+            and normalization with sentence-transformers' ``quantize_embeddings`` semantics (see
+            :mod:`embgemma_jax.precision`): int8/uint8 ranges come from the embeddings of this call unless
+            ``ranges`` or ``calibration_embeddings`` is given; binary packs 8 dimensions per byte.
+          convert_to_numpy: return one NumPy array (default). With both convert flags False, a list of
+            per-text ``jax.Array``.
+          convert_to_tensor: return one ``jax.Array`` (wins over convert_to_numpy).
+          ranges: [2, dim] per-dimension minima and maxima for int8/uint8 precision.
+          calibration_embeddings: embeddings whose per-dimension min and max give int8/uint8 ranges.
           token_budget: throughput mode: pack each batch with up to this many padded tokens (rows x padded
             length, at most batch_size rows) instead of a fixed batch_size rows. Results are the same.
           prompts_per_text: one prompt per text (instead of prompt/prompt_name).
@@ -229,6 +299,16 @@ class EmbeddingGemma:
           include_prompt: False drops the prompt's tokens from the pool (default: the checkpoint's).
         """
         cfg = self.config
+        output_value = check_output_value(output_value)
+        check_precision(precision)
+        if output_value is None and precision != "float32":
+            raise ValueError(
+                f"precision={precision!r} applies to output_value 'sentence_embedding' or 'token_embeddings'; "
+                "output_value=None returns every output in float32"
+            )
+        if (ranges is not None or calibration_embeddings is not None) and precision not in ("int8", "uint8"):
+            raise ValueError(f"ranges and calibration_embeddings apply to precision int8 or uint8, not {precision!r}")
+        truncate_dim = self.truncate_dim if truncate_dim is None else truncate_dim
         p = prepare(
             sentences,
             self.prompts,
@@ -250,6 +330,51 @@ class EmbeddingGemma:
             check_truncate_dim(truncate_dim, cfg.embedding_dim, _trained_dims(cfg.embedding_dim))
         else:
             check_positive_int(truncate_dim, "truncate_dim", optional=True)
+        run = {"batch_size": batch_size, "token_budget": token_budget, "progress": show_progress_bar}
+
+        if output_value == "sentence_embedding":
+            out = finish(self._embed(p, plan, truncate_dim, **run), truncate_dim, normalize_embeddings)
+            if precision != "float32":
+                out = quantize_embeddings(out, precision, ranges, calibration_embeddings)
+            out = convert(out, convert_to_numpy=convert_to_numpy, convert_to_tensor=convert_to_tensor)
+            return out[0] if p.single else out
+
+        # The reference pipeline's own embeddings come with the token states; any other plan runs its own pass.
+        own = output_value is None and plan == self.engine.reference_plan
+        bar = progress_bar(len(p.texts), "encode", show_progress_bar)
+        try:
+            tokens = token_outputs(
+                self,
+                p.texts,
+                p.prompts,
+                batch_size=batch_size,
+                token_budget=token_budget,
+                include_prompt=plan.include_prompt if own else True,
+                progress=bar,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        if output_value == "token_embeddings":
+            result: Any = tokens.token_embeddings
+            if precision != "float32":
+                result = quantize_embeddings(result, precision, ranges, calibration_embeddings)
+        else:
+            sentence = tokens.sentence_embedding if own else self._embed(p, plan, truncate_dim, **run)
+            result = as_dicts(tokens, finish(sentence, truncate_dim, False))
+        return result[0] if p.single else result
+
+    def _embed(
+        self,
+        p: Prompted,
+        plan: PoolingPlan,
+        truncate_dim: int | None,
+        *,
+        batch_size: int,
+        token_budget: int | None,
+        progress: bool | None,
+    ) -> np.ndarray:
+        """Float32 sentence embeddings [N, width] of prepared texts under one pooling plan (not truncated)."""
         out = self.engine.embed(
             self.params,
             p.texts,
@@ -257,12 +382,11 @@ class EmbeddingGemma:
             prompts=p.prompts,
             batch_size=batch_size,
             token_budget=token_budget,
-            progress=show_progress_bar,
+            progress=progress,
         )["embedding"]
         if truncate_dim is not None and truncate_dim > out.shape[1]:
             raise ValueError(f"truncate_dim={truncate_dim} exceeds the pooled width {out.shape[1]}")
-        out = finish(out, truncate_dim, normalize_embeddings)
-        return out[0] if p.single else out
+        return out
 
     def encode_query(self, sentences: str | Sequence[str], **kwargs: Any) -> np.ndarray:
         """encode with the "query" prompt unless a prompt or prompt_name is given."""
@@ -297,17 +421,22 @@ class EmbeddingGemma:
         mark_padding; see :func:`embgemma_jax.research.variants.inspect`."""
         return inspect(self, sentences, **kwargs)
 
-    @staticmethod
-    def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Cosine similarity matrix [len(a), len(b)] (the model's similarity function)."""
-        a = np.atleast_2d(np.array(a, dtype=np.float32))
-        b = np.atleast_2d(np.array(b, dtype=np.float32))
-        if a.shape[-1] != b.shape[-1]:
-            raise ValueError(f"embedding widths differ: {a.shape[-1]} vs {b.shape[-1]}")
-        return normalize_rows(a) @ normalize_rows(b).T
+    def similarity(self, embeddings1: Any, embeddings2: Any) -> np.ndarray:
+        """[len(embeddings1), len(embeddings2)] scores under :attr:`similarity_fn_name` (cosine by default);
+        euclidean and manhattan are negative distances, as sentence-transformers."""
+        return similarity(embeddings1, embeddings2, self.similarity_fn_name)
+
+    def similarity_pairwise(self, embeddings1: Any, embeddings2: Any) -> np.ndarray:
+        """[n] scores of ``embeddings1[i]`` with ``embeddings2[i]`` under :attr:`similarity_fn_name`."""
+        return similarity_pairwise(embeddings1, embeddings2, self.similarity_fn_name)
+
+    def get_embedding_dimension(self) -> int:
+        """The width ``encode`` returns by default: the embedding width, or :attr:`truncate_dim` if smaller."""
+        full = self.config.embedding_dim
+        return full if self.truncate_dim is None else min(full, self.truncate_dim)
 
     def get_sentence_embedding_dimension(self) -> int:
-        return self.config.embedding_dim
+        return self.get_embedding_dimension()
 
     def __repr__(self) -> str:
         return (
