@@ -239,7 +239,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def cmd_embed_corpus(args: argparse.Namespace) -> int:
     from embgemma_jax.corpus import shards
     from embgemma_jax.corpus.job import embed_corpus
-    from embgemma_jax.corpus.readers import open_corpus
+    from embgemma_jax.corpus.progress import progress_name
+    from embgemma_jax.corpus.readers import check_decompressor
+    from embgemma_jax.corpus.sources import Corpus
     from embgemma_jax.sharding import initialize_distributed, make_mesh
 
     distributed = {
@@ -253,21 +255,27 @@ def cmd_embed_corpus(args: argparse.Namespace) -> int:
         raise UsageError(f"{', '.join(given)} also need {', '.join(missing)} (pass all three, or --distributed)")
     if given and args.process_id >= args.num_processes:
         raise UsageError(f"--process-id must be in [0, {args.num_processes}) for --num-processes {args.num_processes}")
-    # The input and the output directory are checked before anything starts (file-level problems only).
-    open_corpus(args.input, text_field=args.text_field, id_field=args.id_field)
-    out_dir = shards.prepare_output_dir(args.output)
+    try:
+        shards.check_format(args.format)
+    except ValueError as e:
+        raise UsageError(f"--format {args.format}: {e}") from None
+    # The inputs and the output are checked before anything starts (names, formats, sizes: file-level only).
+    corpus = Corpus(args.input, text_field=args.text_field, id_field=args.id_field)
+    for f in corpus.files:
+        check_decompressor(f.url, f.compression)
+    store = shards.prepare_output_dir(args.output)
 
     if args.distributed or given:
         initialize_distributed(*distributed.values())
     import jax
 
-    with shards.exclusive_output(out_dir, jax.process_index()):
+    with shards.exclusive_output(store, jax.process_index()):
         pass  # another run writing there is reported now, not after the model has loaded
     model = load_model(args, mesh=make_mesh(), fsdp=args.fsdp)
     manifest = embed_corpus(
         model,
         args.input,
-        out_dir,
+        store,
         text_field=args.text_field,
         id_field=args.id_field,
         prompt_name=args.prompt_name or None,
@@ -277,13 +285,23 @@ def cmd_embed_corpus(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         batch_size=args.batch_size,
         token_budget=args.token_budget,
-        progress=not args.no_progress,
+        output_format=args.format,
+        progress=not (args.no_progress or args.quiet),
     )
-    if jax.process_index() == 0:
-        skipped = f", {manifest['errors']} malformed records skipped (see {', '.join(manifest['errors_files'])})"
+    if jax.process_index() == 0 and not args.quiet:
+        try:
+            run = json.loads(store.read(progress_name(0)))
+        except (OSError, ValueError):
+            run = {}
+        rate = ""
+        if run.get("documents_per_s") is not None:
+            rate = f" ({run['documents_per_s']:.1f} docs/s, {run['tokens_per_s']:.0f} tokens/s)"
+        elapsed = f"; this run embedded {run.get('run_documents', 0)} in {run.get('elapsed_s', 0):.1f} s{rate}"
+        skipped = f"; {manifest['errors']} malformed records skipped (see {', '.join(manifest['errors_files'])})"
         print(
-            f"wrote {manifest['documents']} x {manifest['dim']} embeddings in {len(manifest['shards'])} shards to "
-            f"{args.output}{skipped if manifest['errors'] else ''}",
+            f"wrote {manifest['documents']} x {manifest['dim']} embeddings ({args.format}) in "
+            f"{len(manifest['shards'])} shards to {store.url}{elapsed if run else ''}"
+            f"{skipped if manifest['errors'] else ''}",
             file=sys.stderr,
         )
     return 0
@@ -293,20 +311,42 @@ def _add_embed_corpus(sub: argparse._SubParsersAction) -> None:
     """The ``embed-corpus`` subcommand."""
     p = sub.add_parser(
         "embed-corpus",
-        help="embed a large .txt/.jsonl/.parquet corpus into resumable shards (multi-device, multi-host)",
-        description="Streams the input, encodes it data-parallel over all local devices, writes shards with a "
-        "manifest. Rerun the same command to resume an interrupted run (the input already embedded must be "
-        "unchanged). A run owns its output directory: a second run on it stops with an error naming the first. "
-        "Read the result with embgemma_jax.read_embeddings(OUTPUT).",
+        help="embed a large corpus (.txt/.jsonl[.gz|.zst]/.parquet files, local or gs://, s3://, hf://) into "
+        "resumable shards (multi-device, multi-host)",
+        description="Streams the inputs, encodes them data-parallel over all local devices, writes shards (npy or "
+        "parquet) with a manifest, locally or to an object store. Rerun the same command to resume an interrupted "
+        "run (the inputs must be unchanged). A run owns its output: a second run on it stops with an error naming "
+        "the first. Read the result with embgemma_jax.read_embeddings(OUTPUT), or, with --format parquet, with "
+        "any Parquet reader (OUTPUT/shards/*.parquet).",
     )
     add_model_options(p)
-    p.add_argument("--input", required=True, help=".txt (one text per line), .jsonl or .parquet file")
-    p.add_argument("--output", required=True, help="output directory (created; an unfinished run there is resumed)")
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="PATH_OR_GLOB",
+        help="input files: local paths or URLs (gs://, s3://, hf://datasets/..., memory://), globs allowed "
+        "(quote them); .txt (one text per line), .jsonl/.ndjson (either optionally .gz or .zst), .parquet. "
+        "Order: the patterns as given, each one's files sorted by path; a file named twice is an error",
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        help="output directory or URL (gs://bucket/dir, s3://...; created; an unfinished run there is resumed)",
+    )
+    p.add_argument(
+        "--format",
+        default="npy",
+        choices=["npy", "parquet"],
+        help="shard format: npy (default; .npy + .ids.json per shard, no extra packages, memory-mappable) or "
+        "parquet (id and embedding columns, for pandas, polars, DuckDB, datasets; needs pyarrow)",
+    )
     p.add_argument("--text-field", default="text", help="field/column with the text (jsonl, parquet)")
     p.add_argument(
         "--id-field",
         default=None,
-        help="field/column with the id (default: line number for txt/jsonl, row index for parquet)",
+        help="field/column with the id (default: line number for txt/jsonl, row index for parquet; with several "
+        "input files, the string FILE:LINE)",
     )
     p.add_argument("--prompt-name", default="document", help="prompt from the model's table ('' for none)")
     p.add_argument("--prompt", default=None, help="explicit prompt string (wins over --prompt-name)")
@@ -320,7 +360,10 @@ def _add_embed_corpus(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=positive_int, default=10_000, help="input records per shard")
     _add_batching_options(p)
     p.add_argument("--fsdp", action="store_true", help="split parameters over the local devices instead of replicating")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (the closing summary line is still printed)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary line (errors only)")
     g = p.add_argument_group("multi-host (jax.distributed)")
     g.add_argument(
         "--distributed",

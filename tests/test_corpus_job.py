@@ -110,7 +110,7 @@ def test_single_process_output_matches_encode(jax_model, corpus_txt, reference):
 def test_kill_and_resume_equals_uninterrupted_run(tiny_ckpt, corpus_txt, reference, tmp_path):
     out = tmp_path / "out"
     cmd = _cli(tiny_ckpt, corpus_txt, out)
-    first_commit = out / "shards" / "p00000-s000000.json"
+    first_commit = out / "commits" / "p00000-s000000.json"
     proc = subprocess.Popen(cmd, env=_env(8), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240
@@ -128,7 +128,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_ckpt, corpus_txt, referen
     assert not (out / MANIFEST).exists()
     # The killed run's lock file still names it; the kernel dropped its lock, so the resume takes over.
     assert json.loads((out / "run-p00000.lock").read_text())["pid"] == proc.pid
-    committed = sorted((out / "shards").glob("p00000-s*[0-9].json"))
+    committed = sorted((out / "commits").glob("p00000-s*[0-9].json"))
     assert 1 <= len(committed) < 128 // SHARD_SIZE, "the kill did not land mid-run"
     with pytest.raises(ShardError, match="the run has not finished"):
         read_embeddings(out)
@@ -188,13 +188,15 @@ def test_two_processes_equal_single_process(tiny_ckpt, corpus_txt, reference, tm
     _assert_same_output(out, reference, same_shards=False)
     man = json.loads((out / MANIFEST).read_text())
     # Each process wrote only its own part: process 1's shards start where process 0's lines end.
-    lines0, lines1 = (p["lines"] for p in man["processes"])
-    assert lines0 > 0 and lines1 > 0 and lines0 + lines1 == 128
+    (end0_file, end0_line), start1 = man["processes"][0]["end"], man["processes"][1]["start"]
+    lines0 = end0_line - 1
+    assert end0_file == 0 and start1 == [0, lines0 + 1] and 0 < lines0 < 128
+    assert man["processes"][1]["end"] == [1, 0]  # the end of the input
     assert {s["process"] for s in man["shards"]} == {0, 1}
-    first1 = json.loads((out / "shards" / "p00001-s000000.json").read_text())
-    assert first1["first_line"] == lines0 + 1
+    first1 = json.loads((out / "commits" / "p00001-s000000.json").read_text())
+    assert first1["start"] == [0, lines0 + 1]
     run1 = json.loads((out / "run-p00001-of-00002.json").read_text())
-    assert run1["part"][0] > 0 and run1["first_line"] == lines0 + 1
+    assert run1["pieces"][0][1] > 0 and run1["first_lines"] == [lines0 + 1]
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +261,7 @@ def test_interrupted_commit_and_corruption(jax_model, tmp_path):
     ids, emb = read_embeddings(out)
 
     (out / MANIFEST).unlink()
-    (out / "shards" / "p00000-s000002.json").unlink()  # the last shard was never committed ...
+    (out / "commits" / "p00000-s000002.json").unlink()  # the last shard was never committed ...
     orphan = out / "shards" / "p00000-s000002.npy"
     orphan.write_bytes(orphan.read_bytes()[:100])  # ... and its data file is garbage
     (out / "shards" / ".p00000-s000002.ids.json.tmp").write_bytes(b"[1, 2")

@@ -5,6 +5,7 @@ Every case here was once accepted without an error (issue "Nothing silently wron
 situation with real files and, for the writers, real second processes.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 from embgemma_jax import EmbeddingGemma, embed_corpus, read_embeddings
-from embgemma_jax.corpus.readers import CorpusError, open_corpus
+from embgemma_jax.corpus.readers import CorpusError
 from embgemma_jax.corpus.shards import MANIFEST, ShardError
 from tests.conftest import F32_ATOL
 
@@ -106,7 +107,7 @@ def test_two_runs_on_one_output_real_processes(tiny_ckpt, jax_model, tmp_path):
     cmd += ["--input", str(corpus), "--output", str(out), "--shard-size", "8", "--batch-size", "4", "--no-progress"]
     run_a = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        first_commit = out / "shards" / "p00000-s000000.json"
+        first_commit = out / "commits" / "p00000-s000000.json"
         deadline = time.monotonic() + 240
         while not first_commit.exists() and run_a.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -137,13 +138,21 @@ def test_two_runs_on_one_output_real_processes(tiny_ckpt, jax_model, tmp_path):
 def _unfinish(out: Path, keep: int) -> None:
     """Makes a finished run look interrupted after its first ``keep`` shards."""
     (out / MANIFEST).unlink()
-    for rec in sorted((out / "shards").glob("p00000-s*[0-9].json"))[keep:]:
+    for rec in sorted((out / "commits").glob("p00000-s*[0-9].json"))[keep:]:
         rec.unlink()
+
+
+def _edges(path: Path) -> tuple[int, str]:
+    """Size and sha256 of the first and last MiB: the partial fingerprint an earlier version compared."""
+    data = path.read_bytes()
+    return len(data), hashlib.sha256(data[: 2**20] + data[-(2**20) :]).hexdigest()
 
 
 def test_a_same_size_edit_before_the_resume_position_is_refused(jax_model, tmp_path):
     """A 2.7 MiB input of 40 long lines (each text is cut to the model's window, so embedding is cheap).
-    An edit that keeps the size and the first and last MiB moves a line boundary inside what was embedded."""
+    An edit that keeps the size and the first and last MiB moves a line boundary inside what was embedded.
+    The run records the file's modification time, which catches the edit at once; with the time set back,
+    the input hash of the embedded span still does."""
     lines = [f"{i} " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(15_000)) for i in range(40)]
     corpus = tmp_path / "docs.txt"
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -152,7 +161,10 @@ def test_a_same_size_edit_before_the_resume_position_is_refused(jax_model, tmp_p
     out = tmp_path / "out"
     embed_corpus(jax_model, corpus, out, shard_size=8)
     _unfinish(out, keep=3)  # resume position: the start of line 25, about 1.6 MiB in
-    fingerprint = open_corpus(corpus).fingerprint()
+    fingerprint, st = _edges(corpus), corpus.stat()
+
+    def set_time_back() -> None:  # as `cp -p` or a careless sync can
+        os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     # Line 20 ends one byte earlier and line 21 starts one byte earlier: same size, same edges.
     edited = bytearray(data)
@@ -160,17 +172,25 @@ def test_a_same_size_edit_before_the_resume_position_is_refused(jax_model, tmp_p
     assert 2**20 < nl < len(data) - 2**20
     edited[nl - 1 : nl + 1] = b"\n" + data[nl - 1 : nl]
     corpus.write_bytes(bytes(edited))
-    assert open_corpus(corpus).fingerprint() == fingerprint  # what used to be compared
+    set_time_back()
+    assert _edges(corpus) == fingerprint  # what used to be compared
     pattern = rf"{re.escape(str(corpus))} changed since this run embedded part of it: its bytes \[0, \d+\) .*restore"
     with pytest.raises(CorpusError, match=pattern):
         embed_corpus(jax_model, corpus, out, shard_size=8)
+    os.utime(corpus)  # now with the time of the edit
+    with pytest.raises(CorpusError, match=rf"input {re.escape(str(corpus))} changed since this run started \(modified"):
+        embed_corpus(jax_model, corpus, out, shard_size=8)
     assert not (out / MANIFEST).exists()
 
-    # An edit after the resume position is what the resumed run reads: the result is the file as it is.
+    # An edit after the resume position, with the file's time set back, is what the resumed run reads: the
+    # result is the file as it is. With its time, it is refused like any change.
     new_lines = list(lines)
     new_lines[30] = new_lines[30][:-3] + "XYZ"
     corpus.write_text("\n".join(new_lines) + "\n", encoding="utf-8")
     assert corpus.stat().st_size == len(data)
+    with pytest.raises(CorpusError, match=rf"input {re.escape(str(corpus))} changed since this run started"):
+        embed_corpus(jax_model, corpus, out, shard_size=8)
+    set_time_back()
     embed_corpus(jax_model, corpus, out, shard_size=8)
     ids, emb = read_embeddings(out)
     assert ids == list(range(1, 41))
@@ -249,9 +269,11 @@ def test_a_consistently_emptied_manifest_still_fails(finished, tmp_path):
     shutil.copytree(finished, out)
     m = json.loads((out / MANIFEST).read_text())
     m["shards"], m["documents"] = [], 0
-    m["processes"][0].update(documents=0, shards=0, next_line=1)
+    m["processes"][0].update(documents=0, shards=0, next=m["processes"][0]["start"])
     (out / MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(ShardError, match=r"the shards of process 0 cover its lines up to 1, but its part ends at 38"):
+    docs = re.escape(m["settings"]["input"]["files"][0]["url"])
+    message = rf"the shards of process 0 end at {docs}:1, but its part ends at the end of the input"
+    with pytest.raises(ShardError, match=message):
         read_embeddings(out)
 
 

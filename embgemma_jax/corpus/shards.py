@@ -1,173 +1,126 @@
-"""The on-disk format of an embedded corpus: shards, commit records and the manifest.
+"""The stored form of an embedded corpus: shards, commit records, the manifest, and reading it back.
 
-An output directory holds::
+An output directory (local, or any fsspec URL: see ``embgemma_jax.corpus.store``) holds::
 
-    manifest.json                  written last, by process 0: the run is complete and this is its index
-    run-p00000-of-00002.json       what process 0 was asked to do (settings, its part of the input)
-    shards/p00000-s000000.npy      float32 [rows, dim] embeddings of shard 0 of process 0
-    shards/p00000-s000000.ids.json the ids of those rows (a JSON list), in input order
-    shards/p00000-s000000.json     the shard's commit record: row count, sha256 and size of both files,
-                                   where reading resumes after it, the records it skipped as malformed
-    errors-p00000.jsonl            skipped records of process 0 (only with on_error="skip")
-    run-p00000.lock                held (flock) by process 0 of the run writing here: pid, host, start time
+    manifest.json                   written last, by process 0: the run is complete and this is its index
+    run-p00000-of-00002.json        what process 0 was asked to do (settings, its part of the input)
+    progress-p00000.json            process 0's progress, rewritten at every commit (machine-readable)
+    run-p00000.lock                 held by process 0 of the run writing here: pid, host, start time
+    errors-p00000.jsonl             skipped records of process 0 (only with on_error="skip")
+    shards/p00000-s000000.parquet   format "parquet": columns id and embedding (fixed-size float32 list)
+    shards/p00000-s000000.npy       format "npy": float32 [rows, dim] embeddings ...
+    shards/p00000-s000000.ids.json  ... and their ids (a JSON list), in input order
+    commits/p00000-s000000.json     the shard's commit record: row count, size and sha256 of its files,
+                                    the input span it covers, where reading resumes after it, the records
+                                    it skipped as malformed
 
-Every file is written to a temporary name, flushed to disk and renamed, so a file that exists under its
-final name is whole. A shard counts as written only once its commit record exists, and the commit record
-is renamed into place after both data files; data files without one are leftovers of an interrupted run
+``shards/`` holds nothing but data files, so ``shards/*.parquet`` can be given as it is to pandas,
+polars, DuckDB or ``datasets``; once ``manifest.json`` exists, those files are exactly the run's rows, in
+input order when sorted by name. A shard counts as written only once its commit record exists, and the
+commit record is written after its data files; data files without one are leftovers of an interrupted run
 and are overwritten when it resumes. Input order is process order, then shard order, then row order.
-
-A run owns its output: each of its processes holds an exclusive lock on its ``run-pXXXXX.lock`` from
-before it reads or cleans anything there until the manifest is written (:func:`exclusive_output`), so a
-second run on the same directory stops with an error naming the holder, and never touches the first
-run's files. The kernel drops the lock when its holder dies (even by SIGKILL), so a crashed run leaves
-no stale lock: the next run takes it over and resumes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import hashlib
 import io
 import json
-import os
 import re
-import socket
-import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 
+from embgemma_jax.corpus.store import ShardError, Store, exclusive_output, json_bytes, open_output, utf8
+
+__all__ = [
+    "COMMIT_DIR",
+    "FORMATS",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "SHARD_DIR",
+    "ShardError",
+    "check_manifest",
+    "commit_shard",
+    "committed_shards",
+    "exclusive_output",
+    "iter_embeddings",
+    "json_bytes",
+    "open_output",
+    "prepare_output_dir",
+    "read_embeddings",
+    "read_manifest",
+    "utf8",
+    "write_manifest",
+]
+
 FORMAT_NAME = "embgemma_jax.embeddings"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
-
-
-class ShardError(ValueError):
-    """An output directory is incomplete, inconsistent, or fails its checksums; the message names the file."""
+COMMIT_DIR = "commits"
+FORMATS = ("npy", "parquet")
+_READ_CHUNK = 1 << 22
 
 
 def shard_stem(process: int, index: int) -> str:
     return f"p{process:05d}-s{index:06d}"
 
 
+def commit_name(process: int, index: int) -> str:
+    return f"{COMMIT_DIR}/{shard_stem(process, index)}.json"
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def data_names(fmt: str, process: int, index: int) -> dict[str, str]:
+    """The data files of a shard, by kind."""
+    stem = f"{SHARD_DIR}/{shard_stem(process, index)}"
+    if fmt == "parquet":
+        return {"table": f"{stem}.parquet"}
+    return {"embeddings": f"{stem}.npy", "ids": f"{stem}.ids.json"}
+
+
+def check_format(fmt: str) -> None:
+    """Raises ValueError for an unknown output format, or if ``parquet`` lacks pyarrow."""
+    if fmt not in FORMATS:
+        raise ValueError(f"output format must be one of {list(FORMATS)}, got {fmt!r}")
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "output format 'parquet' needs pyarrow: pip install 'embgemma-jax[parquet]' (or use format 'npy')"
+            ) from None
+
+
+def prepare_output_dir(output: str | Path | Store) -> Store:
+    """Opens (creating if needed) an output directory with its ``shards/`` and ``commits/``.
+
+    Raises:
+      ShardError: the output is a file, cannot be created, or is not writable (names it).
+    """
+    store = open_output(output, create=True)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        store.makedirs(SHARD_DIR, COMMIT_DIR)
+    except OSError as e:
+        raise ShardError(f"cannot create output directory {store.url}: {e.strerror or e}") from None
+    if store.local:
+        import os
 
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that ``path`` is either absent/old or complete, never partial."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def utf8(text: str) -> bytes:
-    """UTF-8 bytes of ``text``; a lone surrogate (e.g. from an undecodable file name) becomes its JSON escape
-    ``\\udcXX``, so JSON text stays valid and reads back as the same string."""
-    return text.encode("utf-8", "backslashreplace")
-
-
-def json_bytes(obj: Any) -> bytes:
-    return utf8(json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
+        for folder in (SHARD_DIR, COMMIT_DIR):
+            if not os.access(store.path(folder), os.W_OK | os.X_OK):
+                raise ShardError(f"output directory {store.url} is not writable")
+    return store
 
 
 # ---------------------------------------------------------------------------------------------------
-# Owning an output directory
-
-
-def prepare_output_dir(out_dir: str | Path) -> Path:
-    """Creates ``out_dir`` (and its ``shards/``) if needed; raises ShardError naming the path if it cannot."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ShardError(f"output {out_dir} exists and is not a directory")
-    try:
-        (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ShardError(f"cannot create output directory {out_dir}: {e.strerror or e}") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK) or not os.access(out_dir / SHARD_DIR, os.W_OK | os.X_OK):
-        raise ShardError(f"output directory {out_dir} is not writable")
-    return out_dir
-
-
-def lock_path(out_dir: Path, process: int) -> Path:
-    return out_dir / f"run-p{process:05d}.lock"
-
-
-@contextlib.contextmanager
-def exclusive_output(out_dir: Path, process: int) -> Iterator[Path]:
-    """Holds process ``process``'s exclusive lock on ``out_dir`` for the ``with`` block.
-
-    The lock is ``flock`` on ``run-pXXXXX.lock`` (never deleted, so every run locks the same file), which
-    records the holder's pid, host and start time for the error a second run gets. The kernel releases
-    the lock when the holder exits or dies.
-
-    Raises:
-      ShardError: another run holds the lock (the message names it), or the file system cannot lock.
-    """
-    import fcntl
-
-    path = lock_path(out_dir, process)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise ShardError(f"cannot create the lock file {path}: {e.strerror or e}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ShardError(
-                f"{out_dir} is being written by another embed-corpus run ({_holder(path)}); two runs cannot share "
-                "an output directory: wait for that run to finish (the same command then resumes or reuses it), "
-                "stop it, or choose another output directory"
-            ) from None
-        except OSError as e:
-            raise ShardError(
-                f"cannot lock {path}: {e.strerror or e} (the file system of the output directory does not support "
-                "flock; write to a local or lock-capable directory)"
-            ) from None
-        holder = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "argv": sys.argv,
-        }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json_bytes(holder), 0)
-        try:
-            yield path
-        finally:
-            os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _holder(path: Path) -> str:
-    try:
-        info = json.loads(path.read_bytes())
-        return f"pid {info['pid']} on host {info['host']}, started {info['started']}, lock {path}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"lock {path}"
+# Shards
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -176,26 +129,52 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def commit_shard(
-    out_dir: Path, process: int, index: int, embeddings: np.ndarray, ids: list[str | int], info: dict[str, Any]
-) -> dict[str, Any]:
-    """Writes one shard (embeddings, ids, then the commit record) and returns the commit record.
+def _parquet_bytes(emb: np.ndarray, ids: list[str | int], id_kind: str) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    ``info`` is stored in the commit record as is (resume position, skipped records, ...).
+    values = pa.array(np.ascontiguousarray(emb, dtype=np.float32).reshape(-1), pa.float32())
+    table = pa.table(
+        {
+            "id": pa.array(ids, pa.int64() if id_kind == "int" else pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(values, emb.shape[1]),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def commit_shard(
+    store: Store,
+    fmt: str,
+    process: int,
+    index: int,
+    embeddings: np.ndarray,
+    ids: list[str | int],
+    info: dict[str, Any],
+    *,
+    id_kind: str | None = None,
+) -> dict[str, Any]:
+    """Writes one shard (its data files, then the commit record) and returns the commit record.
+
+    ``info`` is stored in the commit record as is (input span, resume position, skipped records, ...).
+    ``id_kind`` ("int" or "string") is the parquet id column's type.
     """
     if embeddings.ndim != 2 or embeddings.shape[0] != len(ids):
         raise ValueError(f"shard {index}: {embeddings.shape} embeddings for {len(ids)} ids")
-    shard_dir = out_dir / SHARD_DIR
-    stem = shard_stem(process, index)
+    names = data_names(fmt, process, index)
+    if fmt == "parquet":
+        payloads = {"table": _parquet_bytes(embeddings, ids, id_kind or "string")}
+    else:
+        payloads = {"embeddings": _npy_bytes(embeddings), "ids": utf8(json.dumps(ids, ensure_ascii=False))}
     files = {}
-    for kind, name, data in (
-        ("embeddings", f"{stem}.npy", _npy_bytes(embeddings)),
-        ("ids", f"{stem}.ids.json", utf8(json.dumps(ids, ensure_ascii=False))),
-    ):
-        write_atomic(shard_dir / name, data)
-        files[kind] = {"name": f"{SHARD_DIR}/{name}", "bytes": len(data), "sha256": sha256(data)}
+    for kind, data in payloads.items():
+        store.write(names[kind], data)
+        files[kind] = {"name": names[kind], "bytes": len(data), "sha256": sha256(data)}
     record = {
         "format": FORMAT_NAME,
+        "output_format": fmt,
         "process": process,
         "index": index,
         "rows": int(embeddings.shape[0]),
@@ -203,100 +182,142 @@ def commit_shard(
         "files": files,
         **info,
     }
-    write_atomic(shard_dir / f"{stem}.json", json_bytes(record))
+    store.write(commit_name(process, index), json_bytes(record))
     return record
 
 
-def _check_file(out_dir: Path, entry: dict[str, Any], *, checksum: bool) -> bytes | None:
-    path = out_dir / entry["name"]
-    if not path.is_file():
-        raise ShardError(f"{path} is missing")
-    size = path.stat().st_size
+def _check_file(store: Store, entry: dict[str, Any], *, checksum: bool) -> bytes | None:
+    name = entry["name"]
+    size = store.size(name)
+    if size is None:
+        raise ShardError(f"{store.show(name)} is missing")
     if size != entry["bytes"]:
-        raise ShardError(f"{path} has {size} bytes; its record says {entry['bytes']} (truncated or replaced)")
+        raise ShardError(
+            f"{store.show(name)} has {size} bytes; its record says {entry['bytes']} (truncated or replaced)"
+        )
     if not checksum:
         return None
-    data = path.read_bytes()
+    data = store.read(name)
     if sha256(data) != entry["sha256"]:
-        raise ShardError(f"{path} fails its sha256 checksum (corrupted or replaced)")
+        raise ShardError(f"{store.show(name)} fails its sha256 checksum (corrupted or replaced)")
     return data
 
 
-def committed_shards(out_dir: Path, process: int) -> list[dict[str, Any]]:
+def _check_file_streaming(store: Store, entry: dict[str, Any]) -> None:
+    """Checks a file's size and sha256 reading it in chunks (never whole in memory)."""
+    _check_file(store, entry, checksum=False)
+    h = hashlib.sha256()
+    with store.open(entry["name"]) as fh:
+        while buf := fh.read(_READ_CHUNK):
+            h.update(buf)
+    if h.hexdigest() != entry["sha256"]:
+        raise ShardError(f"{store.show(entry['name'])} fails its sha256 checksum (corrupted or replaced)")
+
+
+def committed_shards(store: Store, process: int) -> list[dict[str, Any]]:
     """The commit records of ``process``'s shards, in order, after checking them.
 
     Every listed file must exist with its recorded size; the last shard (the one an interruption could
-    have hit) is also checksummed. Leftover temporary files of this process are removed.
+    have hit) is also checksummed. Leftover temporary files of this process (local disks) are removed.
     """
-    shard_dir = out_dir / SHARD_DIR
     prefix = f"p{process:05d}-s"
-    for tmp in shard_dir.glob(f".{prefix}*.tmp"):
-        tmp.unlink(missing_ok=True)
+    if store.local:
+        for folder in (SHARD_DIR, COMMIT_DIR):
+            for tmp in store.list(folder, f".{prefix}*.tmp"):
+                store.delete(tmp)
+    pattern = re.compile(rf"{COMMIT_DIR}/{prefix}(\d+)\.json")
+    found = {int(m.group(1)): n for n in store.list(COMMIT_DIR, f"{prefix}*.json") if (m := pattern.fullmatch(n))}
     records = []
-    pattern = re.compile(rf"{prefix}(\d+)\.json")
-    found = {int(m.group(1)): p for p in shard_dir.glob(f"{prefix}*.json") if (m := pattern.fullmatch(p.name))}
-    for _, path in sorted(found.items()):
+    for _, name in sorted(found.items()):
         try:
-            rec = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ShardError(f"{path} is not a readable commit record: {e}") from e
+            rec = json.loads(store.read(name))
+        except (OSError, ValueError) as e:
+            raise ShardError(f"{store.show(name)} is not a readable commit record: {e}") from e
         records.append(rec)
     for k, rec in enumerate(records):
         if rec.get("format") != FORMAT_NAME or rec.get("process") != process or rec.get("index") != k:
             raise ShardError(
-                f"{shard_dir}: commit records of process {process} are not shards 0..{len(records) - 1} in order "
-                f"(found index {rec.get('index')!r} at position {k}); the directory was modified by hand"
+                f"{store.show(COMMIT_DIR)}: commit records of process {process} are not shards 0..{len(records) - 1} "
+                f"in order (found index {rec.get('index')!r} at position {k}); the directory was modified by hand"
             )
         for entry in rec["files"].values():
-            _check_file(out_dir, entry, checksum=k == len(records) - 1)
+            _check_file(store, entry, checksum=k == len(records) - 1)
     return records
 
 
-def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
-    write_atomic(out_dir / MANIFEST, json_bytes(manifest))
+# ---------------------------------------------------------------------------------------------------
+# The manifest
 
 
-def read_manifest(out_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a finished output directory."""
-    out_dir = Path(out_dir)
-    path = out_dir / MANIFEST
-    if not path.is_file():
-        hint = " (the run has not finished: run the same command again to resume it)" if out_dir.is_dir() else ""
-        raise ShardError(f"no {MANIFEST} in {out_dir}{hint}")
+def write_manifest(store: Store, manifest: dict[str, Any]) -> None:
+    store.write(MANIFEST, json_bytes(manifest))
+
+
+def read_manifest(output: str | Path | Store) -> dict[str, Any]:
+    """The manifest of a finished output directory (a local path or a URL), as written.
+
+    Raises:
+      ShardError: there is none (the run has not finished), or it is not a manifest of this version.
+    """
+    store = open_output(output, create=False)
+    if not store.is_file(MANIFEST):
+        hint = (
+            " (the run has not finished: run the same command again to resume it)"
+            if store.exists(SHARD_DIR) or store.exists(COMMIT_DIR)
+            else ""
+        )
+        raise ShardError(f"no {MANIFEST} in {store.url}{hint}")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path} is not valid JSON: {e}") from e
-    if manifest.get("format") != FORMAT_NAME:
-        raise ShardError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+        manifest = json.loads(store.read(MANIFEST))
+    except ValueError as e:
+        raise ShardError(f"{store.show(MANIFEST)} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ShardError(f"{store.show(MANIFEST)}: format is not {FORMAT_NAME!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ShardError(
-            f"{path}: format_version {manifest.get('format_version')!r} is not supported ({FORMAT_VERSION})"
+            f"{store.show(MANIFEST)}: format_version {manifest.get('format_version')!r} is not supported by this "
+            f"version ({FORMAT_VERSION}); embed the corpus again"
         )
     return manifest
 
 
-def check_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+def check_manifest(store: Store, manifest: dict[str, Any]) -> None:
     """Cross-checks the manifest's shard list against its process summaries.
 
-    Per process, the shard entries must be that process's shards 0..n-1 in order (n = its summary's
-    ``shards``), each starting at the line where the previous one ended, from the process's first line
-    (1 + the lines of the processes before it; the first row for parquet) to its ``next_line``, naming
-    the files of that shard; rows and skipped records add up to the summary's, and those to the totals.
-    So a dropped, duplicated, reordered or emptied shard list is an error even with ``documents`` adjusted.
+    The processes' parts must tile the input (each starts where the one before it ends, from the first
+    record of the first file to the end of the last); per process, the shard entries must be that
+    process's shards 0..n-1 in order (n = its summary's ``shards``), each starting where the previous one
+    ended, the last one (marked final) ending where the part ends, each naming its own files; rows and
+    skipped records add up to the summary's, and those to the totals. So a dropped, duplicated,
+    reordered or emptied shard list is an error even with ``documents`` adjusted.
     """
-    path = out_dir / MANIFEST
     try:
-        _check_manifest(path, manifest)
-    except (KeyError, TypeError, AttributeError) as e:
-        raise ShardError(f"{path} is malformed ({type(e).__name__}: {e}); it was not written by this version") from e
+        _check_manifest(store.show(MANIFEST), manifest)
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+        if isinstance(e, ShardError):
+            raise
+        raise ShardError(
+            f"{store.show(MANIFEST)} is malformed ({type(e).__name__}: {e}); it was not written by this version"
+        ) from e
 
 
-def _check_manifest(path: Path, m: dict[str, Any]) -> None:
+def _where(files: list[dict[str, Any]], pos: Sequence[int]) -> str:
+    file, line = pos
+    if file >= len(files):
+        return "the end of the input"
+    return f"{files[file]['url']} row {line}" if files[file]["format"] == "parquet" else f"{files[file]['url']}:{line}"
+
+
+def _check_manifest(path: str, m: dict[str, Any]) -> None:
     def fail(msg: str) -> NoReturn:
         raise ShardError(f"{path}: {msg}; the manifest was modified or is damaged")
 
-    nproc, fmt = m["settings"]["processes"], m["settings"]["input"]["format"]
+    settings = m["settings"]
+    nproc, fmt, files = settings["processes"], settings["output_format"], settings["input"]["files"]
+
+    def where(pos: Sequence[int]) -> str:
+        return _where(files, pos)
+
     procs = m["processes"]
     if [p["process"] for p in procs] != list(range(nproc)):
         fail(f"lists processes {[p['process'] for p in procs]}, expected 0..{nproc - 1}")
@@ -311,10 +332,10 @@ def _check_manifest(path: Path, m: dict[str, Any]) -> None:
             fail(f"shard entry {k} (process {p!r}) is out of process order")
         last = p
         by_proc[p].append(shard)
-    line = 0 if fmt == "parquet" else 1
+    pos = [0, 0 if files[0]["format"] == "parquet" else 1]
     for p, (info, entries) in enumerate(zip(procs, by_proc, strict=True)):
-        if info["first_line"] != line:
-            fail(f"process {p} starts at line {info['first_line']}, but the processes before it end at line {line}")
+        if list(info["start"]) != pos:
+            fail(f"process {p} starts at {where(info['start'])}, but the one before it ends at {where(pos)}")
         indices = [e["index"] for e in entries]
         if indices != list(range(info["shards"])):
             fail(
@@ -322,77 +343,181 @@ def _check_manifest(path: Path, m: dict[str, Any]) -> None:
                 "(entries dropped, duplicated or reordered)"
             )
         for e in entries:
-            stem = f"{SHARD_DIR}/{shard_stem(p, e['index'])}"
-            names = (e["files"]["embeddings"]["name"], e["files"]["ids"]["name"])
-            if names != (f"{stem}.npy", f"{stem}.ids.json"):
-                fail(f"shard {e['index']} of process {p} names the files {list(names)}, not those of {stem}")
-            if e["start_line"] != line:
-                fail(f"shard {e['index']} of process {p} starts at line {e['start_line']}, expected {line}")
-            span = e["next_line"] - e["start_line"]
+            names = {kind: entry["name"] for kind, entry in e["files"].items()}
+            if names != data_names(fmt, p, e["index"]):
+                fail(f"shard {e['index']} of process {p} names the files {sorted(names.values())}, not its own")
+            if list(e["start"]) != pos:
+                fail(f"shard {e['index']} of process {p} starts at {where(e['start'])}, expected {where(pos)}")
+            start, nxt = e["start"], e["next"]
+            same_file = start[0] == nxt[0] and start[0] < len(files)
+            span = nxt[1] - start[1]
+            lines_are_records = same_file and files[start[0]]["format"] != "jsonl"
             if (
                 e["records"] != e["rows"] + e["errors"]
-                or span < e["records"]
-                or (fmt != "jsonl" and span != e["records"])
+                or (same_file and span < e["records"])
+                or (lines_are_records and span != e["records"])
+                or e["final"] != (e["index"] == info["shards"] - 1)
             ):
                 fail(
                     f"shard {e['index']} of process {p} has {e['rows']} rows and {e['errors']} skipped records of "
-                    f"{e['records']} records on lines [{e['start_line']}, {e['next_line']})"
+                    f"{e['records']} records from {where(start)} to {where(nxt)}"
+                    + (" and is marked final" if e["final"] else "")
                 )
-            line = e["next_line"]
-        if line != info["next_line"]:
-            fail(f"the shards of process {p} end at line {line}, but the process ended at line {info['next_line']}")
-        end = info["first_line"] + info["lines"]
-        if line > end or (fmt != "jsonl" and line != end):
-            fail(f"the shards of process {p} cover its lines up to {line}, but its part ends at {end}")
+            pos = list(nxt)
+        if list(info["next"]) != pos:
+            fail(f"the shards of process {p} end at {where(pos)}, but the process ended at {where(info['next'])}")
+        if pos != list(info["end"]):
+            fail(f"the shards of process {p} end at {where(pos)}, but its part ends at {where(info['end'])}")
         for key, field in (("documents", "rows"), ("errors", "errors")):
             if sum(e[field] for e in entries) != info[key]:
                 fail(f"process {p} has {key}={info[key]}, but its shards hold {sum(e[field] for e in entries)}")
-        line = end
+    if pos != [len(files), 0]:
+        fail(f"the processes end at {where(pos)}, not at the end of the input")
 
 
 def _short(values: list[Any]) -> str:
     return str(values) if len(values) <= 12 else f"[{', '.join(map(str, values[:10]))}, ...] ({len(values)} entries)"
 
 
-def read_embeddings(out_dir: str | Path, *, verify: bool = True) -> tuple[list[str | int], np.ndarray]:
-    """Reads a finished ``embed-corpus`` output directory back, in input order.
+# ---------------------------------------------------------------------------------------------------
+# Reading an output back
+
+
+def _select(manifest: dict[str, Any], shards: int | slice | Iterable[int] | None) -> list[dict[str, Any]]:
+    entries = manifest["shards"]
+    if shards is None:
+        return list(entries)
+    if isinstance(shards, slice):
+        return entries[shards]
+    picks = [shards] if isinstance(shards, (int, np.integer)) else list(shards)
+    for i in picks:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -len(entries) <= i < len(entries):
+            raise ValueError(
+                f"shards: {i!r} is not a shard index; this output has {len(entries)} shards (0..{len(entries) - 1})"
+            )
+    return [entries[i] for i in picks]
+
+
+def _load_shard(
+    store: Store, manifest: dict[str, Any], shard: dict[str, Any], *, verify: bool, mmap: bool
+) -> tuple[list[str | int], np.ndarray]:
+    fmt, dim, rows = manifest["settings"]["output_format"], int(manifest["dim"]), int(shard["rows"])
+    files = shard["files"]
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        data = _check_file(store, files["table"], checksum=verify)
+        name = files["table"]["name"]
+        try:
+            table = pq.read_table(pa.BufferReader(data) if data is not None else store.open(name))
+            emb_col, ids = table.column("embedding").combine_chunks(), table.column("id").to_pylist()
+            ok = pa.types.is_fixed_size_list(emb_col.type) and emb_col.type.list_size == dim
+            emb = emb_col.flatten().to_numpy(zero_copy_only=False).reshape(len(emb_col), dim) if ok else None
+        except (KeyError, ValueError, pa.ArrowException) as e:
+            raise ShardError(f"{store.show(name)} is not a shard of this output: {e}") from e
+        if emb is None or emb.dtype != np.float32 or emb.shape != (rows, dim) or len(ids) != rows:
+            raise ShardError(
+                f"{store.show(name)}: holds {emb_col.type} x {len(emb_col)}; the manifest says float32 ({rows}, {dim})"
+            )
+        return ids, emb
+    emb_name, ids_name = files["embeddings"]["name"], files["ids"]["name"]
+    if mmap:
+        if verify:
+            _check_file_streaming(store, files["embeddings"])
+        else:
+            _check_file(store, files["embeddings"], checksum=False)
+        emb = np.load(store.local_path(emb_name), mmap_mode="r", allow_pickle=False)
+    else:
+        emb_bytes = _check_file(store, files["embeddings"], checksum=verify)
+        emb = np.load(io.BytesIO(emb_bytes if emb_bytes is not None else store.read(emb_name)), allow_pickle=False)
+    ids_bytes = _check_file(store, files["ids"], checksum=verify)
+    shard_ids = json.loads(ids_bytes if ids_bytes is not None else store.read(ids_name))
+    if emb.shape != (rows, dim) or emb.dtype != np.float32 or len(shard_ids) != rows:
+        raise ShardError(
+            f"{store.show(emb_name)}: holds {emb.dtype} {emb.shape} and {len(shard_ids)} ids; the manifest says "
+            f"float32 ({rows}, {dim})"
+        )
+    return shard_ids, emb
+
+
+def iter_embeddings(
+    output: str | Path,
+    *,
+    shards: int | slice | Iterable[int] | None = None,
+    verify: bool = True,
+    mmap: bool = False,
+) -> Iterator[tuple[list[str | int], np.ndarray]]:
+    """Yields ``(ids, embeddings)`` shard by shard, in input order, from a finished output.
 
     Args:
-      out_dir: the directory given to ``embgemma-jax embed-corpus --output``.
+      output: the ``embed-corpus`` output: a local directory or a URL (``gs://``, ``memory://``, ...).
+      shards: which shards (indices into the manifest's ``shards`` list, an int, a sequence or a slice);
+        default all. Each shard's rows are a contiguous run of the input.
+      verify: check every file read against the sha256 in the manifest.
+      mmap: memory-map the ``.npy`` embeddings (format npy, local disk) instead of reading them: the arrays
+        are read-only ``np.memmap`` views. ``verify`` still reads each file once, in chunks, to hash it.
+
+    Raises:
+      ShardError: see :func:`read_embeddings`.
+      ValueError: a bad shard index, or ``mmap`` for a parquet or non-local output.
+    """
+    store = open_output(output, create=False)
+    manifest = read_manifest(store)
+    check_manifest(store, manifest)
+    if mmap and manifest["settings"]["output_format"] != "npy":
+        fmt = manifest["settings"]["output_format"]
+        raise ValueError(f"mmap=True needs npy shards; {store.url} holds {fmt} shards")
+    if mmap and not store.local:
+        raise ValueError(f"mmap=True needs an output on a local disk; {store.url} is not")
+    for shard in _select(manifest, shards):
+        yield _load_shard(store, manifest, shard, verify=verify, mmap=mmap)
+
+
+def read_embeddings(
+    output: str | Path,
+    *,
+    shards: int | slice | Iterable[int] | None = None,
+    verify: bool = True,
+    mmap: bool = False,
+) -> tuple[list[str | int], np.ndarray]:
+    """Reads a finished ``embed-corpus`` output back, in input order (npy or parquet shards).
+
+    Args:
+      output: the directory or URL given to ``embgemma-jax embed-corpus --output``.
+      shards: read only these shards (see :func:`iter_embeddings`); default all.
       verify: check every file against the sha256 in the manifest.
+      mmap: with one shard selected (``shards=i``), return its ``.npy`` embeddings memory-mapped (read-only)
+        instead of read; for several, iterate :func:`iter_embeddings` with ``mmap=True``.
 
     Returns:
-      ``(ids, embeddings)``: a list with one id per document and a float32 array [documents, dim].
+      ``(ids, embeddings)``: a list with one id per row and a float32 array [rows, dim].
 
     Raises:
       ShardError: the run is not finished (no manifest), the manifest's shard list does not match its
         process summaries (:func:`check_manifest`), or a file is missing, truncated or corrupted.
     """
-    out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
-    check_manifest(out_dir, manifest)
-    n, dim = int(manifest["documents"]), int(manifest["dim"])
-    out = np.empty((n, dim), dtype=np.float32)
+    store = open_output(output, create=False)
+    manifest = read_manifest(store)
+    check_manifest(store, manifest)
+    selected = _select(manifest, shards)
+    if mmap:
+        if len(selected) != 1:
+            raise ValueError(
+                f"mmap=True maps one shard: pass shards=i (this selection has {len(selected)}), or iterate "
+                "iter_embeddings(..., mmap=True)"
+            )
+        return next(iter_embeddings(store, shards=[manifest["shards"].index(selected[0])], verify=verify, mmap=True))
+    dim = int(manifest["dim"])
+    total = sum(int(s["rows"]) for s in selected)
+    out = np.empty((total, dim), dtype=np.float32)
     ids: list[str | int] = []
     row = 0
-    for shard in manifest["shards"]:
-        files = shard["files"]
-        emb_bytes = _check_file(out_dir, files["embeddings"], checksum=True) if verify else None
-        ids_bytes = _check_file(out_dir, files["ids"], checksum=True) if verify else None
-        emb_path, ids_path = out_dir / files["embeddings"]["name"], out_dir / files["ids"]["name"]
-        emb = np.load(io.BytesIO(emb_bytes) if emb_bytes is not None else emb_path, allow_pickle=False)
-        shard_ids = json.loads(ids_bytes if ids_bytes is not None else ids_path.read_bytes())
-        rows = int(shard["rows"])
-        if emb.shape != (rows, dim) or emb.dtype != np.float32 or len(shard_ids) != rows:
-            raise ShardError(
-                f"{emb_path}: holds {emb.dtype} {emb.shape} and {len(shard_ids)} ids; the manifest says "
-                f"float32 ({rows}, {dim})"
-            )
-        if row + rows > n:
-            raise ShardError(f"{out_dir / MANIFEST}: shards hold more rows than its documents={n}")
-        out[row : row + rows] = emb
+    for shard in selected:
+        shard_ids, emb = _load_shard(store, manifest, shard, verify=verify, mmap=False)
+        out[row : row + len(shard_ids)] = emb
         ids.extend(shard_ids)
-        row += rows
-    if row != n:
-        raise ShardError(f"{out_dir / MANIFEST}: shards hold {row} rows, but documents={n}")
+        row += len(shard_ids)
+    if shards is None and row != int(manifest["documents"]):
+        raise ShardError(f"{store.show(MANIFEST)}: shards hold {row} rows, but documents={manifest['documents']}")
     return ids, out
