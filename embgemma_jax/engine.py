@@ -377,9 +377,9 @@ class Engine:
             ids, mask = b["input_ids"], b["attention_mask"]
             self.check_ids(ids, mask)
             without = None if lengths is None else exclude_prompt(mask, _padded(lengths[idx], len(ids)))
-            if fused:
-                d_ids, d_mask = self.place("forward", ids, mask)
-                emb = self.forward(params, d_ids, d_mask, d_mask).embeddings
+            if fused:  # the reference plan: mean of the final states, the prompt pooled unless it excludes it
+                d_ids, d_mask, d_without = self.place("forward", ids, mask, without)
+                emb = self.forward(params, d_ids, d_mask, d_mask if d_without is None else d_without).embeddings
                 return dict.fromkeys(plans, emb), slice(0, len(idx))
             d_ids, d_mask, d_without = self.place("states", ids, mask, without)
             states = self.states(enc_params, d_ids, d_mask, all_layers=all_layers)
@@ -398,7 +398,7 @@ class Engine:
 
         bar = progress_bar(len(texts), "encode", progress)
         out: dict[str, np.ndarray] = {}
-        if fused and token_budget is not None:  # throughput mode: several texts per row
+        if fused and lengths is None and token_budget is not None:  # throughput mode: several texts per row
             batches = batching.packed_batches(self.tokenizer, texts, batch_size, token_budget)
             run = self.dispatch_ahead(batches, dispatch_packed)
         else:

@@ -182,3 +182,28 @@ def test_one_mean_pool_in_bfloat16(tiny_ckpt):
     np.testing.assert_array_equal(model.encode(texts, pooling="mean"), ref)
     np.testing.assert_array_equal(model.encode(texts, pooling=("mean",)), ref)  # the pool + head program
     np.testing.assert_array_equal(model.embed_variants(texts, {"m": PoolingSpec("mean", layers=-1)})["m"], ref)
+
+
+def test_checkpoint_that_excludes_the_prompt_matches_reference(tmp_path):
+    """A checkpoint whose Pooling module sets include_prompt=false: the default encode (fused program, and
+    throughput mode) drops the prompt from the pool, as sentence-transformers does."""
+    import json
+
+    from sentence_transformers import SentenceTransformer
+
+    from embgemma_jax import EmbeddingGemma
+    from embgemma_jax.testing import build_tiny_checkpoint
+
+    ckpt = build_tiny_checkpoint(tmp_path / "noprompt", seed=5)
+    cfg_file = ckpt / "1_Pooling" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["include_prompt"] = False
+    cfg_file.write_text(json.dumps(cfg))
+    texts = ["Which planet is known as the Red Planet?", "a", "longer text " * 12]
+    ref = SentenceTransformer(str(ckpt), device="cpu").encode(texts, prompt_name="query")
+    model = EmbeddingGemma.from_pretrained(ckpt)
+    assert not model.config.include_prompt
+    np.testing.assert_allclose(model.encode(texts, prompt_name="query"), ref, rtol=0, atol=F32_ATOL)
+    np.testing.assert_allclose(model.encode(texts, prompt_name="query", token_budget=512), ref, rtol=0, atol=F32_ATOL)
+    with_prompt = model.encode(texts, prompt_name="query", include_prompt=True)
+    assert np.abs(with_prompt - ref).max() > 100 * F32_ATOL  # the check can fail
