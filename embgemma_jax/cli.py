@@ -106,24 +106,36 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--compilation-cache",
         default=None,
-        help="persistent JAX compilation cache directory (default: $EMBGEMMA_COMPILATION_CACHE; off if unset)",
+        help="persistent JAX compilation cache directory (default: $EMBGEMMA_COMPILATION_CACHE, else "
+        "$XDG_CACHE_HOME/embgemma_jax/xla, i.e. ~/.cache/embgemma_jax/xla; 'off' or --no-compilation-cache "
+        "disables it)",
     )
+    g.add_argument("--no-compilation-cache", action="store_true", help="compile afresh every run (no persistent cache)")
+
+
+def compilation_cache_dir(args: argparse.Namespace) -> str | None:
+    """The persistent compilation cache the CLI uses: on by default in the user's cache directory, so a
+    second run of a job loads its compiled programs instead of compiling them again."""
+    choice = args.compilation_cache or os.environ.get("EMBGEMMA_COMPILATION_CACHE")
+    if args.no_compilation_cache or (choice or "").strip().lower() in ("off", "0", "none", "false", "no"):
+        return None
+    if choice:
+        return choice
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "embgemma_jax", "xla")
 
 
 def load_model(args: argparse.Namespace, **extra: Any) -> EmbeddingGemma:
     """The model the options of :func:`add_model_options` describe (``extra``: mesh, fsdp)."""
     from embgemma_jax.encode import EmbeddingGemma
 
-    cache = args.compilation_cache
-    if cache is None:
-        cache = os.environ.get("EMBGEMMA_COMPILATION_CACHE") or None
     return EmbeddingGemma.from_pretrained(
         args.model,
         dtype=args.dtype,
         quantize=args.quantize,
         attention_impl=args.attention_impl,
         revision=args.revision,
-        compilation_cache_dir=cache,
+        compilation_cache_dir=compilation_cache_dir(args),
         **extra,
     )
 

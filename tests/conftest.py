@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLI keeps a persistent compilation cache in ~/.cache by default; tests opt out (test_cli_cache.py
+# checks the default) so that every test compiles what it runs.
+os.environ.setdefault("EMBGEMMA_COMPILATION_CACHE", "off")
 
 from pathlib import Path  # noqa: E402
 
