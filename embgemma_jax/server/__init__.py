@@ -2,7 +2,10 @@
 
 One process drives the device. Requests wait in a bounded queue; one device thread takes every waiting
 request (up to ``--max-batch-tokens`` tokens) and runs one ``model.encode`` over all their texts, so the
-same batch planner as ``encode`` packs them (:mod:`embgemma_jax.server.batcher`).
+same batch planner as ``encode`` batches them (:mod:`embgemma_jax.server.batcher`). ``encode`` runs on
+its exact path (padded batches of at most ``--max-batch-tokens`` padded tokens), not its throughput mode
+(``token_budget``, which packs several texts per row and changes the last bits). Each new batch shape
+compiles on first use; ``serve(..., warmup=True)`` compiles them all before listening.
 
 Routes:
 
@@ -29,9 +32,11 @@ Routes:
 Vectors: without ``dimensions`` a request gets ``model.encode(texts, prompt=...)``; with it,
 ``model.encode(texts, prompt=..., truncate_dim=dimensions, normalize_embeddings=True)`` (TEI:
 ``normalize_embeddings=normalize``), computed in float32 inside batches shared with other requests.
-Batch shapes change which matmul kernels XLA picks, so a coalesced request can differ from a standalone
-``encode`` call in the last bits (~1e-7 on unit vectors), as ``encode`` itself does between batch
-compositions; a request served alone is bit-identical to ``encode`` of its texts.
+A request served alone (that fits one batch) is bit-identical to ``encode`` of its texts. A request
+coalesced with others runs in other batch shapes, and XLA picks matmul kernels by shape (on CPU a row's
+result changes in the last bits between 16 and 32 rows of a [rows, 768] x [768, 1152] product), so it
+can differ from a standalone ``encode`` in the last bits (up to ~3e-7 on unit vectors measured), as
+``encode`` itself does between batch compositions.
 
 Limits and errors (``/v1`` routes answer ``{"error": {"message", "type", "param", "code"}}`` as OpenAI;
 ``/embed`` answers ``{"error", "error_type", "param"}`` as TEI): malformed JSON, wrong types, unknown
