@@ -499,10 +499,7 @@ class InputFile:
         if self.compression == "gzip":
             return _Decompressed(gzip.GzipFile(fileobj=raw, mode="rb"), raw)
         if self.compression == "zstd":
-            import zstandard
-
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
-            return _Decompressed(io.BufferedReader(reader, buffer_size=_READ_CHUNK), raw)
+            return _Decompressed(io.BufferedReader(_Zstd(raw), buffer_size=_READ_CHUNK), raw)
         return raw
 
     def _guard(self, lines: Iterator[Any], line: int) -> Iterator[Any]:
@@ -624,8 +621,13 @@ class InputFile:
             raise CorpusError(f"{self.url} is not a readable parquet file: {e}") from e
 
     def _parquet_meta(self) -> None:
-        """Reads the footer once: row counts per row group; checks the text and id columns."""
+        """Reads the footer once: row counts per row group; checks the text and id columns. An empty file
+        (0 bytes) has no rows."""
         import pyarrow as pa
+
+        if self.size == 0:
+            self._row_starts, self._rows = [0], 0
+            return
 
         pf = self._parquet_file()
         try:
@@ -696,6 +698,41 @@ class _Owned(_KeyedHash):
 
     def rollback(self) -> None:
         self.inner.rollback()
+
+
+class _Zstd(io.RawIOBase):
+    """zstd frames, one after another, decompressed as they are read. Unlike zstandard's stream_reader, data
+    that ends inside a frame is an error (EOFError), not a quiet end of file."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        import zstandard
+
+        self._raw, self._new = raw, zstandard.ZstdDecompressor().decompressobj
+        self._d, self._fed = self._new(), 0
+        self._buf, self._at = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while self._at >= len(self._buf):
+            chunk = self._raw.read(_READ_CHUNK)
+            if not chunk:
+                if self._fed and not self._d.eof:
+                    raise EOFError("the data ends inside a zstd frame (truncated)")
+                return 0
+            out = []
+            while chunk:
+                if self._d.eof:
+                    self._d, self._fed = self._new(), 0
+                out.append(self._d.decompress(chunk))
+                self._fed += len(chunk)
+                chunk = self._d.unused_data if self._d.eof else b""
+            self._buf, self._at = b"".join(out), 0
+        n = min(len(b), len(self._buf) - self._at)
+        b[:n] = self._buf[self._at : self._at + n]
+        self._at += n
+        return n
 
 
 class _Decompressed(io.BufferedIOBase):

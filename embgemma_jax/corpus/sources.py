@@ -334,11 +334,15 @@ class Corpus:
         j = next(j for j, pc in enumerate(plan.pieces) if pc.file == file)
         pc, f = plan.pieces[j], self.files[file]
         start = f.first_position(Part(pc.start, pc.end))
-        if resume is not None and resume[0] == file:
-            end: Any = resume[1]
-        else:
-            end = "its end" if pc.to_end else pc.end
         unit = "rows" if f.format == "parquet" else "bytes" if f.compression is None else "decompressed bytes"
+        if resume is not None and resume[0] == file:
+            end = resume[1]
+        elif not pc.to_end:
+            end = pc.end
+        elif f.compression is None:
+            end = f.extent()
+        else:
+            return f"its {unit} from {start} to its end"
         return f"its {unit} [{start}, {end})"
 
     def weight(self, plan: PartPlan) -> int:

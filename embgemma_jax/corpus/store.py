@@ -103,7 +103,7 @@ class Store:
         try:
             self.fs, self.root, self.url = resolve(url)
         except CorpusError as e:
-            raise ShardError(str(e).replace("input", "output")) from None
+            raise ShardError(f"output: {e}") from None
         self.root = self.root.rstrip("/") or "/"
 
     @property
