@@ -404,6 +404,24 @@ class EmbeddingGemma:
             kwargs["prompt_name"] = "document"
         return self.encode(sentences, **kwargs)
 
+    def warmup(
+        self,
+        sentences: Sequence[str],
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        batch_size: int = 32,
+        token_budget: int | None = None,
+    ) -> int:
+        """Compiles, before a job starts, every program shape that encoding ``sentences`` with these settings
+        runs (tokenizes and plans the batches; embeds nothing). Give it the job's texts, or a sample with the
+        same length distribution. Returns the number of shapes compiled. With the persistent compilation
+        cache on, later processes load them instead of compiling."""
+        table, default = self.prompts, self.default_prompt_name
+        p = prepare(sentences, table, prompt_name=prompt_name, prompt=prompt, default_prompt_name=default)
+        shapes = self.engine.batch_shapes(p.texts, batch_size=batch_size, token_budget=token_budget)
+        return self.engine.warmup(self.params, shapes)
+
     # ------------------------------------------------------------------------------------------------
     # Research surface (see embgemma_jax.research)
 
