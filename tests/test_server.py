@@ -346,6 +346,9 @@ def test_32_concurrent_clients(server, jax_model):
         ("/embed", {"inputs": "x", "truncation_direction": "left"}, 422, "truncation_direction"),
         ("/embed", {"input": "x"}, 422, "input"),
         ("/embed", b"\xff\xfe", 422, None),
+        ("/v1/embeddings", b'{"input": ["ok", "bad \\ud800"]}', 400, "input[1]"),
+        ("/embed", b'{"inputs": "\\udfff"}', 422, "inputs"),
+        ("/v1/embeddings", b'{"input": "x", "prompt": "\\ud800: "}', 400, "prompt"),
     ],
 )
 def test_bad_requests_name_the_field(server, route, body, status, param):

@@ -73,6 +73,7 @@ def _texts(body: dict[str, Any], field: str, status: int, limits: Limits) -> lis
         raise ApiError(status, f"missing required field {field!r}", param=field, code="missing_field")
     value = body[field]
     if isinstance(value, str):
+        _check_unicode(value, field, status)
         return [value]
     if not isinstance(value, list):
         raise ApiError(status, f"{field} must be a string or an array of strings, got {_kind(value)}", param=field)
@@ -90,7 +91,20 @@ def _texts(body: dict[str, Any], field: str, status: int, limits: Limits) -> lis
         if not isinstance(t, str):
             hint = "; token arrays are not accepted, send text" if isinstance(t, (int, list)) else ""
             raise ApiError(status, f"{field}[{i}] must be a string, got {_kind(t)}{hint}", param=f"{field}[{i}]")
+        _check_unicode(t, f"{field}[{i}]", status)
     return value
+
+
+def _check_unicode(text: str, param: str, status: int) -> None:
+    """JSON escapes can carry lone surrogates (``"\\ud800"``), which are not text and cannot be tokenized."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(
+            status,
+            f"{param} holds a lone surrogate {text[e.start]!r} at character {e.start}, which is not valid Unicode",
+            param=param,
+        ) from None
 
 
 def _optional(body: dict[str, Any], field: str, types: tuple[type, ...], what: str, status: int) -> Any:
@@ -118,6 +132,8 @@ def _dimensions(body: dict[str, Any], status: int, limits: Limits) -> int | None
 def _prompt(body: dict[str, Any], status: int, limits: Limits) -> str:
     name = _optional(body, "prompt_name", (str,), "a string", status)
     prompt = _optional(body, "prompt", (str,), "a string", status)
+    if prompt is not None:
+        _check_unicode(prompt, "prompt", status)
     if name is not None and name not in limits.prompts:
         raise ApiError(
             status, f"unknown prompt_name {name!r}; this model's prompts: {sorted(limits.prompts)}", param="prompt_name"
