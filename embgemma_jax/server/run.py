@@ -68,7 +68,8 @@ def serve(
     """Serves ``model`` over HTTP until SIGTERM/SIGINT (drained) and returns the process exit code.
 
     Blocks. One process, one device thread (see :mod:`embgemma_jax.server`). Bad settings print an
-    ``error:`` line and return 2; a port that cannot be bound returns uvicorn's exit code (1).
+    ``error:`` line and return 2; a port that cannot be bound logs uvicorn's error line and returns its exit
+    code (3 in uvicorn 0.54).
 
     Args:
       model: a loaded :class:`~embgemma_jax.EmbeddingGemma`.
@@ -117,6 +118,6 @@ def serve(
         log.info("warm-up: compiled %d batch shapes in %.1f s", n, time.perf_counter() - started)
     try:
         server.run()
-    except SystemExit as e:  # uvicorn exits 1 when it cannot bind the port
+    except SystemExit as e:  # uvicorn exits (3) when it cannot bind the port
         return e.code if isinstance(e.code, int) else 1
     return 0 if server.started else 1
