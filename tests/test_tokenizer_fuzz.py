@@ -235,3 +235,88 @@ def test_bos_eos_come_from_the_post_processor_like_the_reference(tiny_ckpt, tmp_
         for text in ["", "ab", "planet Mars <eos> " * 10]:
             want = reference(text, truncation=True, max_length=max_length)["input_ids"]
             assert ours.encode([text])[0] == want, (max_length, text)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A large added vocabulary like Gemma's (thousands of "<unusedN>", HTML tags, whitespace runs), plus
+# contents that are prefixes of each other and that overlap, so that leftmost-longest matters. Our
+# matcher compiles them to a prefix-tree regex and cuts a whole batch with one split.
+
+MANY = (
+    [f"<unused{i}>" for i in range(2, 1200)]
+    + ["<t>", "<ta", "<tab", "<table>", "<table>x", "</table>", "<h1>", "<br>"]
+    + ["\n", "\n\n", "\n\n\n", "\t\t", "  ", "\u2581\u2581", "ab", "abc", "abcd", "bcd", "b", "é"]
+)
+NEAR_MISSES = ["<unused", "<unused1200>", "<table", "<ta>", "<", ">", "a", "c", "d", " ", "x", "\x00", "\ufffe"]
+
+
+@pytest.fixture(scope="module")
+def many(tiny_ckpt, tmp_path_factory):
+    """(ours, reference) for the tiny tokenizer with MANY added (normalized=False, no flags)."""
+    from tokenizers import AddedToken as HFAddedToken
+
+    out = tmp_path_factory.mktemp("many_tokens")
+    tok = AutoTokenizer.from_pretrained(str(tiny_ckpt))
+    tok.add_tokens([HFAddedToken(c, normalized=False, special=False) for c in MANY])
+    tok.save_pretrained(str(out))
+    shutil.copyfile(tiny_ckpt / "tokenizer.model", out / "tokenizer.model")
+    return Tokenizer.from_dir(out, max_length=64), AutoTokenizer.from_pretrained(str(out))
+
+
+many_text = st.lists(
+    st.one_of(
+        st.sampled_from(MANY[:20] + MANY[-26:]),
+        st.sampled_from(NEAR_MISSES),
+        st.sampled_from(WORDS).map(lambda w: " " + w),
+        st.text(any_char, max_size=4),
+    ),
+    max_size=30,
+).map("".join)
+
+
+@fuzz_settings(200)
+@given(texts=st.lists(many_text, min_size=1, max_size=8))
+def test_many_added_tokens_match_reference_batched_and_alone(many, texts):
+    ours, reference = many
+    got = ours.encode(texts)
+    for text, ids in zip(texts, got, strict=True):
+        assert ids == reference(text, truncation=True, max_length=64)["input_ids"], repr(text)
+    assert got == [ours.encode([t])[0] for t in texts]
+
+
+def test_many_added_tokens_on_a_long_batch(many):
+    """Hundreds of texts, most with several tokens (many SentencePiece windows), against the reference."""
+    ours, reference = many
+    rng = random.Random(0)
+    pool = MANY[:40] + MANY[-26:] + NEAR_MISSES + [" " + w for w in WORDS]
+    texts = ["".join(rng.choice(pool) for _ in range(rng.randrange(0, 40))) for _ in range(500)]
+    want = [reference(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert ours.encode_pieces(texts) == want
+    assert ours.encode(texts) == [reference(t, truncation=True, max_length=64)["input_ids"] for t in texts]
+
+
+@fuzz_settings(300)
+@given(
+    contents=st.sets(st.text("ab<>\n", min_size=1, max_size=6), min_size=1, max_size=16),
+    text=st.text("ab<>\nc", max_size=60),
+)
+def test_prefix_tree_regex_matches_like_a_longest_first_alternation(contents, text):
+    """The prefix-tree regex finds the same matches as the alternation tried longest first."""
+    import re
+
+    from embgemma_jax.tokenizer import _literal_alternation
+
+    longest_first = re.compile("|".join(re.escape(c) for c in sorted(contents, key=len, reverse=True)))
+    tree = re.compile(_literal_alternation(contents))
+    assert [m.span() for m in tree.finditer(text)] == [m.span() for m in longest_first.finditer(text)]
+
+
+def test_deep_prefix_chains_fall_back_to_the_alternation():
+    """Contents nested deeper than the prefix tree allows ("a", "aa", ... 200 deep) still match."""
+    import re
+
+    from embgemma_jax.tokenizer import _literal_alternation
+
+    contents = ["a" * k for k in range(1, 201)] + ["ab"]
+    pattern = re.compile(_literal_alternation(contents))
+    assert [m.span() for m in pattern.finditer("a" * 450 + "b")] == [(0, 200), (200, 400), (400, 450)]
