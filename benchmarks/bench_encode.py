@@ -6,6 +6,8 @@
     python benchmarks/bench_encode.py --tiny --quick        # smoke run on a tiny random checkpoint
     python benchmarks/bench_encode.py --device cuda --scale 16 --st-batch-size 256 --token-budget 65536
                                                             # on a GPU: thousands of texts per case
+    python benchmarks/bench_encode.py --systems st-f32,jax-f32 --cases mixed --same-batch 8
+                                                            # a bounded run: one case, one same-batch setting
 
 The corpus is real English text that ships with the machine: the docstrings of the Python standard
 library, cut to three cases by token count (with the model's own tokenizer): short queries (~16 tokens),
@@ -17,6 +19,21 @@ subprocess (so its peak RSS is its own) on the same texts, in one run, alternati
   jax-f32  embgemma_jax float32 (parity mode)
   jax-bf16 embgemma_jax bfloat16
   jax-int8 embgemma_jax weight-only int8 (bfloat16 compute)
+
+Two kinds of settings run per case:
+
+  throughput  each system at its own settings: sentence-transformers ``--st-batch-size`` (32, its default),
+              ours ``--token-budget`` (8192 padded tokens, texts packed several per row) with at most
+              ``--jax-batch-size`` rows
+  batchN      the SAME batch size N for both (``--same-batch 8,32``, the reference's own batch sizes):
+              sentence-transformers ``batch_size=N``, ours ``batch_size=N`` with no token budget (padded
+              batches: rows to a power of two, lengths to a bucket)
+
+A run whose settings equal another's (sentence-transformers at batch 32 in both ``throughput`` and
+``batch32``; a batch size at or above the case's text count) is measured once and shown in both rows.
+"padding" is device tokens (rows x padded length) over real tokens: ours counted by the engine,
+sentence-transformers' computed from its plan (texts sorted by character length, each batch padded to
+its longest text).
 
 Each worker loads the model, runs one cold pass (includes compilation; JAX's persistent cache is off so
 the number is honest), then ``--repeats`` timed passes; docs/s and tokens/s use the best timed pass.
@@ -142,7 +159,7 @@ def worker(args: argparse.Namespace) -> None:
         )
 
         def run():
-            return model.encode(texts, batch_size=args.jax_batch_size, token_budget=args.token_budget)
+            return model.encode(texts, batch_size=args.jax_batch_size, token_budget=budget_or_none(args.token_budget))
 
         shapes = model.engine.compiled
         stats = model.engine.stats
@@ -171,8 +188,53 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.result_out).write_text(json.dumps(result))
 
 
-def run_worker(system: str, case: str, texts_file: Path, args: argparse.Namespace, tmp: Path) -> dict:
-    emb_out, result_out = tmp / f"{system}-{case}.npy", tmp / f"{system}-{case}.json"
+def budget_or_none(value: int) -> int | None:
+    """The worker's token budget: 0 stands for none (padded batches of batch_size rows)."""
+    return value or None
+
+
+def st_padding_ratio(texts: list[str], lengths: list[int], batch_size: int) -> float:
+    """Device tokens over real tokens of sentence-transformers' plan: texts sorted by character length
+    (its own ``np.argsort`` of negated lengths), batches of batch_size, each padded to its longest text."""
+    order = np.argsort([-len(t) for t in texts])
+    sorted_lengths = np.asarray(lengths)[order]
+    device = sum(
+        int(chunk.max()) * len(chunk) for chunk in np.split(sorted_lengths, range(batch_size, len(texts), batch_size))
+    )
+    return device / max(1, sum(lengths))
+
+
+def settings(args: argparse.Namespace) -> list[dict]:
+    """The batch settings to run: the throughput one, then one per ``--same-batch`` size."""
+    out = []
+    if not args.no_throughput:
+        out.append(
+            {
+                "name": "throughput",
+                "st_batch_size": args.st_batch_size,
+                "jax_batch_size": args.jax_batch_size,
+                "token_budget": args.token_budget,
+            }
+        )
+    for b in args.same_batch:
+        out.append({"name": f"batch{b}", "st_batch_size": b, "jax_batch_size": b, "token_budget": None})
+    return out
+
+
+def run_key(system: str, setting: dict, n_texts: int) -> tuple:
+    """What a worker's result depends on: runs with equal keys are measured once."""
+    if system.startswith("st-"):
+        return (system, min(setting["st_batch_size"], n_texts))
+    rows, budget = setting["jax_batch_size"], setting["token_budget"]
+    if budget is None and rows >= n_texts:  # one padded batch of batch_rows(n) rows, whatever the batch size
+        p2 = 1 << max(0, n_texts - 1).bit_length()
+        rows = ("all", min(p2, rows))
+    return (system, rows, budget)
+
+
+def run_worker(system: str, case: str, texts_file: Path, args: argparse.Namespace, tmp: Path, setting: dict) -> dict:
+    tag = f"{system}-{case}-{setting['name']}"
+    emb_out, result_out = tmp / f"{tag}.npy", tmp / f"{tag}.json"
     cmd = [
         sys.executable,
         __file__,
@@ -189,11 +251,11 @@ def run_worker(system: str, case: str, texts_file: Path, args: argparse.Namespac
         "--repeats",
         str(args.repeats),
         "--st-batch-size",
-        str(args.st_batch_size),
+        str(setting["st_batch_size"]),
         "--jax-batch-size",
-        str(args.jax_batch_size),
+        str(setting["jax_batch_size"]),
         "--token-budget",
-        str(args.token_budget),
+        str(setting["token_budget"] or 0),
         "--device",
         args.device,
     ]
@@ -201,7 +263,7 @@ def run_worker(system: str, case: str, texts_file: Path, args: argparse.Namespac
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"worker {system}/{case} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"worker {system}/{case}/{setting['name']} failed:\n{proc.stderr[-4000:]}")
     res = json.loads(result_out.read_text())
     res["embeddings"] = np.load(emb_out)
     return res
@@ -276,6 +338,19 @@ def machine() -> dict:
     }
 
 
+def batch_sizes(value: str) -> list[int]:
+    """``--same-batch``: '8,32' -> [8, 32]; '' or 'none' -> []."""
+    if value.strip().lower() in ("", "none"):
+        return []
+    try:
+        sizes = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {value!r}") from None
+    if any(b < 1 for b in sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {value!r}")
+    return list(dict.fromkeys(sizes))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -288,7 +363,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--st-batch-size", type=int, default=32, help="sentence-transformers batch_size (its default)")
     p.add_argument("--jax-batch-size", type=int, default=256, help="embgemma_jax max rows per batch")
-    p.add_argument("--token-budget", type=int, default=8192, help="embgemma_jax padded tokens per batch")
+    p.add_argument(
+        "--token-budget", type=int, default=8192, help="embgemma_jax padded tokens per batch (0: none, padded batches)"
+    )
+    p.add_argument(
+        "--same-batch",
+        type=batch_sizes,
+        default=[8, 32],
+        help="comma-separated batch sizes run with the SAME batch_size for both systems, ours without a token "
+        "budget (default 8,32, the reference's own batch sizes; '' for none)",
+    )
+    p.add_argument("--no-throughput", action="store_true", help="skip the throughput setting (same-batch rows only)")
     p.add_argument("--out", type=Path, default=None, help="JSON output (default: benchmarks/results/<name>.json)")
     p.add_argument(
         "--device",
@@ -324,12 +409,19 @@ def main() -> None:
                 print("building a full-size random checkpoint in", args.model, file=sys.stderr)
                 testing.build_full_size_random_checkpoint(args.model)
     cfg = read_st_config(args.model)
-    counts = {name: (4 if args.quick else c * args.scale) for name, (_, _, c) in CASES.items()}
-    cases = {k: v for k, v in build_cases(args.model, counts).items() if k in args.cases.split(",")}
+    wanted = [c for c in args.cases.split(",") if c]
+    unknown = sorted(set(wanted) - set(CASES))
+    if unknown:
+        raise SystemExit(f"unknown cases {unknown}; valid: {list(CASES)}")
     systems = [s for s in args.systems.split(",") if s]
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         raise SystemExit(f"unknown systems {unknown}; valid: {list(SYSTEMS)}")
+    plan = settings(args)
+    if not plan:
+        raise SystemExit("nothing to run: --no-throughput and no --same-batch sizes")
+    counts = {name: (4 if args.quick else c * args.scale) for name, (_, _, c) in CASES.items()}
+    cases = {k: v for k, v in build_cases(args.model, counts).items() if k in wanted}
 
     from embgemma_jax.tokenizer import Tokenizer
 
@@ -343,60 +435,94 @@ def main() -> None:
             "st_batch_size": args.st_batch_size,
             "jax_batch_size": args.jax_batch_size,
             "token_budget": args.token_budget,
+            "same_batch": args.same_batch,
             "device": args.device,
         },
         "cases": {},
     }
     print("measuring matmul peak ...", file=sys.stderr)
     report["matmul_peak_gflops"] = matmul_peak(device=args.device)
+    t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        for ci, (case, texts) in enumerate(cases.items()):
+        turn = 0
+        for case, texts in cases.items():
             lengths = [len(x) for x in tok.encode(texts)]
             flops = sum(model_flops_per_text(n, cfg) for n in lengths)
             texts_file = tmp / f"{case}.json"
             texts_file.write_text(json.dumps(texts))
-            order = systems if ci % 2 == 0 else systems[::-1]
-            results = {}
-            for system in order:
-                print(f"{case}: {system} ...", file=sys.stderr)
-                results[system] = run_worker(system, case, texts_file, args, tmp)
-            ref = results.get("jax-f32", {}).get("embeddings")
-            st_ref = results.get("st-f32", {}).get("embeddings")
-            rows = {}
-            for system, r in results.items():
-                emb = r.pop("embeddings")
-                dt = "bfloat16" if system.endswith(("bf16", "int8")) else "float32"
-                r.update(
-                    docs_per_s=len(texts) / r["best_s"],
-                    tokens_per_s=sum(lengths) / r["best_s"],
-                    model_gflops=flops / r["best_s"] / 1e9,
-                    peak_fraction=flops / r["best_s"] / 1e9 / report["matmul_peak_gflops"][dt],
-                )
-                if ref is not None:
-                    cos = np.sum(emb * ref, 1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
-                    r["cos_to_jax_f32_min"], r["cos_to_jax_f32_mean"] = float(cos.min()), float(cos.mean())
-                if st_ref is not None:
-                    r["max_abs_vs_st_f32"] = float(np.abs(emb - st_ref).max())
-                rows[system] = r
-            for r in rows.values():
-                for base in ("st-f32", "st-bf16"):
-                    if base in rows:
-                        r[f"speedup_vs_{base}"] = r["docs_per_s"] / rows[base]["docs_per_s"]
-                        r[f"rss_ratio_vs_{base}"] = r["peak_rss_mib"] / rows[base]["peak_rss_mib"]
-            report["cases"][case] = {
-                "n_texts": len(texts),
-                "tokens": int(sum(lengths)),
-                "min_tokens": int(min(lengths)),
-                "max_tokens": int(max(lengths)),
-                "model_gflop": flops / 1e9,
-                "systems": rows,
-            }
+            measured: dict[tuple, tuple[str, dict]] = {}  # run key -> (setting that measured it, result)
+            for setting in plan:
+                order = systems if turn % 2 == 0 else systems[::-1]
+                turn += 1
+                results = {}
+                for system in order:
+                    key = run_key(system, setting, len(texts))
+                    if key not in measured:
+                        print(f"{case} / {setting['name']}: {system} ...", file=sys.stderr)
+                        measured[key] = (setting["name"], run_worker(system, case, texts_file, args, tmp, setting))
+                    source, res = measured[key]
+                    results[system] = dict(res, measured_in=source)
+                name = case if setting["name"] == "throughput" else f"{case}@{setting['name']}"
+                report["cases"][name] = summarize(case, setting, texts, lengths, flops, results, report)
+    report["wall_s"] = time.perf_counter() - t_start
+    print(f"workers took {report['wall_s']:.0f} s", file=sys.stderr)
     out = args.out or HERE / "results" / f"bench_encode_{'tiny' if args.tiny else Path(args.model).name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(markdown(report))
     print(f"\nJSON: {out}", file=sys.stderr)
+
+
+def summarize(
+    case: str, setting: dict, texts: list[str], lengths: list[int], flops: float, results: dict, report: dict
+) -> dict:
+    """One case under one setting: each system's speed, ratios to the references, cosines, padding."""
+    ref = results.get("jax-f32", {}).get("embeddings")
+    st_ref = results.get("st-f32", {}).get("embeddings")
+    rows = {}
+    for system, res in results.items():
+        r = {k: v for k, v in res.items() if k != "embeddings"}
+        emb = res["embeddings"]
+        dt = "bfloat16" if system.endswith(("bf16", "int8")) else "float32"
+        r.update(
+            docs_per_s=len(texts) / r["best_s"],
+            tokens_per_s=sum(lengths) / r["best_s"],
+            model_gflops=flops / r["best_s"] / 1e9,
+            peak_fraction=flops / r["best_s"] / 1e9 / report["matmul_peak_gflops"][dt],
+        )
+        if system.startswith("st-"):
+            r["padding_ratio"] = st_padding_ratio(texts, lengths, setting["st_batch_size"])
+        if ref is not None:
+            cos = np.sum(emb * ref, 1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
+            r["cos_to_jax_f32_min"], r["cos_to_jax_f32_mean"] = float(cos.min()), float(cos.mean())
+        if st_ref is not None:
+            r["max_abs_vs_st_f32"] = float(np.abs(emb - st_ref).max())
+        rows[system] = r
+    for r in rows.values():
+        for base in ("st-f32", "st-bf16"):
+            if base in rows:
+                r[f"speedup_vs_{base}"] = r["docs_per_s"] / rows[base]["docs_per_s"]
+                r[f"rss_ratio_vs_{base}"] = r["peak_rss_mib"] / rows[base]["peak_rss_mib"]
+    return {
+        "case": case,
+        "setting": setting,
+        "n_texts": len(texts),
+        "tokens": int(sum(lengths)),
+        "min_tokens": int(min(lengths)),
+        "max_tokens": int(max(lengths)),
+        "model_gflop": flops / 1e9,
+        "systems": rows,
+    }
+
+
+def setting_label(setting: dict | None, settings_: dict) -> str:
+    """How a row's batch setting reads in the table."""
+    if setting is None or setting["name"] == "throughput":
+        s = setting or settings_
+        budget = f", budget {s['token_budget']}" if s.get("token_budget") else ""
+        return f"ST batch {s['st_batch_size']}; ours ≤{s['jax_batch_size']} rows{budget}"
+    return f"batch {setting['st_batch_size']} (both)"
 
 
 def markdown(report: dict) -> str:
@@ -407,22 +533,30 @@ def markdown(report: dict) -> str:
         f"transformers {m['transformers']}, sentence-transformers {m['sentence_transformers']}. "
         f"Matmul peak: f32 {peak['float32']:.0f} GFLOP/s, bf16 {peak['bfloat16']:.0f} GFLOP/s.",
         "",
-        "| case | system | docs/s | tokens/s | vs st-f32 | vs st-bf16 | cold pass s | compile s | shapes | padding "
-        "| peak RSS MiB | RSS vs st-f32 | % of peak | cos to f32 (min) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | setting | system | docs/s | tokens/s | vs st-f32 | vs st-bf16 | cold pass s | compile s | shapes "
+        "| padding | peak RSS MiB | RSS vs st-f32 | % of peak | cos to f32 (min) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for case, c in report["cases"].items():
+
+    def num(value: float | None, fmt: str, suffix: str = "") -> str:
+        return "-" if value is None else format(value, fmt) + suffix
+
+    for key, c in report["cases"].items():
+        setting = setting_label(c.get("setting"), report["settings"])
+        here = (c.get("setting") or {}).get("name", "throughput")
         for system, r in c["systems"].items():
             pad = f"{r['padding_ratio']:.2f}x" if r.get("padding_ratio") else "-"
+            shown = system if r.get("measured_in", here) == here else f"{system} (same run as {r['measured_in']})"
             lines.append(
-                f"| {case} ({c['n_texts']} texts, {c['min_tokens']}-{c['max_tokens']} tok) | {system} "
+                f"| {c.get('case', key)} ({c['n_texts']} texts, {c['min_tokens']}-{c['max_tokens']} tok) "
+                f"| {setting} | {shown} "
                 f"| {r['docs_per_s']:.2f} | {r['tokens_per_s']:.0f} "
-                f"| {r.get('speedup_vs_st-f32', float('nan')):.2f}x | {r.get('speedup_vs_st-bf16', float('nan')):.2f}x "
+                f"| {num(r.get('speedup_vs_st-f32'), '.2f', 'x')} | {num(r.get('speedup_vs_st-bf16'), '.2f', 'x')} "
                 f"| {r['cold_pass_s']:.1f} | {r['compile_s']:.1f} "
                 f"| {r['compiled_shapes'] if r['compiled_shapes'] is not None else '-'} "
                 f"| {pad} "
-                f"| {r['peak_rss_mib']:.0f} | {r.get('rss_ratio_vs_st-f32', float('nan')):.2f} "
-                f"| {100 * r['peak_fraction']:.0f}% | {r.get('cos_to_jax_f32_min', float('nan')):.5f} |"
+                f"| {r['peak_rss_mib']:.0f} | {num(r.get('rss_ratio_vs_st-f32'), '.2f')} "
+                f"| {100 * r['peak_fraction']:.0f}% | {num(r.get('cos_to_jax_f32_min'), '.5f')} |"
             )
     return "\n".join(lines)
 
