@@ -149,32 +149,82 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_ckpt, corpus_txt, referen
     _assert_same_output(out, reference)
 
 
-def test_two_processes_equal_single_process(tiny_ckpt, corpus_txt, reference, tmp_path):
+def _multi_file_corpus(d: Path) -> tuple[list[str], list[str], list[str]]:
+    """A gzip JSONL file, a plain JSONL file and two parquet files (128 texts); returns the --input patterns,
+    the texts in input order and their positional ids. By bytes, the cut between two processes falls inside
+    the plain JSONL file, so its lines are numbered across the cut; lengths ramp up within every share, so
+    later shards need fresh compiles (time to kill the run mid-way)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = _corpus_lines()
+    texts = lines[:32] + lines[32:64] + lines[:16] + lines[96:112] + lines[:32]
+    texts = [f"{t} #{i}" for i, t in enumerate(texts)]  # distinct
+    d.mkdir()
+    jsonl = "".join(json.dumps({"text": t}) + "\n" for t in texts[:32])
+    (d / "a-0.jsonl.gz").write_bytes(gzip.compress(jsonl.encode()))
+    (d / "b-1.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[32:96]))
+    pq.write_table(pa.table({"text": texts[96:112]}), d / "c-2.parquet")
+    pq.write_table(pa.table({"text": texts[112:]}), d / "c-3.parquet")
+    ids = [f"{d}/a-0.jsonl.gz:{i}" for i in range(1, 33)] + [f"{d}/b-1.jsonl:{i}" for i in range(1, 65)]
+    ids += [f"{d}/c-2.parquet:{i}" for i in range(16)] + [f"{d}/c-3.parquet:{i}" for i in range(16)]
+    return [str(d / "*.jsonl*"), str(d / "c-*.parquet")], texts, ids
+
+
+def test_two_processes_killed_and_resumed_equal_encode(tiny_ckpt, jax_model, tmp_path):
+    """Two real JAX processes (2 CPU devices each) embed a corpus of several files into parquet shards; both
+    are killed with SIGKILL once each has committed a shard (a preempted slice); the same two commands
+    resume, keep what was committed, and give exactly the texts' encode() in input order."""
+    inputs, texts, ids = _multi_file_corpus(tmp_path / "in")
     out = tmp_path / "out"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        subprocess.Popen(
-            _cli(
-                tiny_ckpt,
-                corpus_txt,
-                out,
-                "--no-progress",
-                "--coordinator-address",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-            ),
-            env=_env(2),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+
+    def start() -> list[subprocess.Popen]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist = ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--format", "parquet"]
+        return [
+            subprocess.Popen(
+                [*_cli(tiny_ckpt, inputs[0], out, "--no-progress", *dist, "--process-id", str(i)), "--input", *inputs],
+                env=_env(2),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+
+    procs = start()
+    try:
+        firsts = [out / "commits" / f"p{i:05d}-s000000.json" for i in range(2)]
+        deadline = time.monotonic() + 240
+        while not all(f.exists() for f in firsts) and all(p.poll() is None for p in procs):
+            assert time.monotonic() < deadline, "no shard was committed in time"
+            time.sleep(0.005)
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+        for p in procs:
+            p.wait(timeout=60)
+        assert [p.returncode for p in procs] == [-signal.SIGKILL] * 2, [p.stderr.read()[-2000:] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert not (out / MANIFEST).exists()
+    committed = sorted((out / "commits").glob("p*-s*[0-9].json"))
+    records = sum(json.loads(c.read_text())["records"] for c in committed)
+    assert {c.name[:6] for c in committed} == {"p00000", "p00001"} and records < len(texts), "not killed mid-run"
+    kept = {}
+    for c in committed:
+        for entry in json.loads(c.read_text())["files"].values():
+            st = (out / entry["name"]).stat()
+            kept[entry["name"]] = (st.st_ino, st.st_mtime_ns)
+
+    procs = start()
     try:
         errs = [p.communicate(timeout=300)[1] for p in procs]
     finally:
@@ -184,19 +234,22 @@ def test_two_processes_equal_single_process(tiny_ckpt, corpus_txt, reference, tm
                 p.wait()
     for p, err in zip(procs, errs, strict=True):
         assert p.returncode == 0, err[-3000:]
+    for name, stamp in kept.items():
+        st = (out / name).stat()
+        assert (st.st_ino, st.st_mtime_ns) == stamp, f"{name} was rewritten on resume"
+    got_ids, emb = read_embeddings(out)
+    assert got_ids == ids
+    np.testing.assert_allclose(emb, jax_model.encode(texts, prompt_name="document"), atol=F32_ATOL, rtol=0)
 
-    _assert_same_output(out, reference, same_shards=False)
+    # Each process read only its part: the plain JSONL file was cut between them, its lines numbered across.
     man = json.loads((out / MANIFEST).read_text())
-    # Each process wrote only its own part: process 1's shards start where process 0's lines end.
     (end0_file, end0_line), start1 = man["processes"][0]["end"], man["processes"][1]["start"]
-    lines0 = end0_line - 1
-    assert end0_file == 0 and start1 == [0, lines0 + 1] and 0 < lines0 < 128
-    assert man["processes"][1]["end"] == [1, 0]  # the end of the input
-    assert {s["process"] for s in man["shards"]} == {0, 1}
-    first1 = json.loads((out / "commits" / "p00001-s000000.json").read_text())
-    assert first1["start"] == [0, lines0 + 1]
+    assert end0_file == 1 and start1 == [1, end0_line] and 1 < end0_line <= 64
+    assert man["processes"][1]["end"] == [4, 0]  # the end of the input
     run1 = json.loads((out / "run-p00001-of-00002.json").read_text())
-    assert run1["pieces"][0][1] > 0 and run1["first_lines"] == [lines0 + 1]
+    assert run1["pieces"][0][:2] == [1, run1["pieces"][0][1]] and run1["pieces"][0][1] > 0
+    assert run1["first_lines"][0] == end0_line
+    assert json.loads((out / "commits" / "p00001-s000000.json").read_text())["start"] == [1, end0_line]
 
 
 @pytest.fixture(scope="module")

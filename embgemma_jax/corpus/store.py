@@ -230,6 +230,8 @@ def open_output(output: str | Path | Store, *, create: bool) -> Store:
     """
     store = output if isinstance(output, Store) else Store(output)
     if not create:
+        if store.fs is not None:  # gcsfs and s3fs cache listings; other processes may have written since
+            store.fs.invalidate_cache(store.root)
         return store
     if store.fs is None:
         out_dir = Path(store.root)
