@@ -17,7 +17,7 @@ import fsspec
 import numpy as np
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from embgemma_jax.corpus import Corpus, CorpusError, embed_corpus, open_corpus, read_embeddings
@@ -25,6 +25,7 @@ from embgemma_jax.corpus.readers import InputHash
 from embgemma_jax.corpus.shards import MANIFEST, ShardError
 from embgemma_jax.corpus.store import STALE_AFTER_S, exclusive_output, json_bytes
 from tests.conftest import F32_ATOL
+from tests.fuzzing import fuzz_settings
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -181,7 +182,7 @@ def _plans(corpus: Corpus, nproc: int):
     return corpus.layout(parts, [corpus.tail_count(p) for p in parts])
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz_settings(30)
 @given(
     files=st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 7)), min_size=1, max_size=5),
     nproc=st.integers(1, 5),
