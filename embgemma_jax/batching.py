@@ -16,6 +16,7 @@ Every caller (``encode``, the pooling variants, the corpus job, the server) batc
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
@@ -156,27 +157,32 @@ class PackedBatch:
         return self.text_rows * self.segments + self.text_segments - 1
 
 
-def pack_rows(lengths: Sequence[int], length: int, max_rows: int, max_segments: int) -> tuple[int, int, np.ndarray]:
-    """Packs texts sorted longest first into at most ``max_rows`` rows of ``length`` tokens and
-    ``max_segments`` texts each, in O(texts): each row takes the longest remaining text, then fills its room
-    with the shortest ones. Returns (a, b, rows): the texts ``[0, a)`` and ``[b, n)`` are taken, ``rows``
-    gives their rows in that order (the first ``a``, then ``b..n-1``)."""
-    n = len(lengths)
-    lo, hi = 0, n  # [lo, hi) not taken yet
-    rows_lo: list[int] = []
-    rows_hi: list[int] = []
-    for r in range(max_rows):
-        if lo >= hi:
-            break
-        room, count = length - lengths[lo], 1
-        rows_lo.append(r)
-        lo += 1
-        while lo < hi and count < max_segments and lengths[hi - 1] <= room:
-            hi -= 1
-            room -= lengths[hi]
-            count += 1
-            rows_hi.append(r)
-    return lo, hi, np.asarray(rows_lo + rows_hi[::-1], dtype=np.int64)
+def pack_rows(lengths: Sequence[int], length: int, max_rows: int, max_segments: int) -> np.ndarray:
+    """Best-fit decreasing: texts (sorted longest first) into at most ``max_rows`` rows of ``length`` tokens
+    and ``max_segments`` texts each; each text goes to the open row it fills most tightly, or opens a row.
+    Returns each text's row, -1 for a text left for a later batch. O(texts x log rows)."""
+    rows = np.full(len(lengths), -1, dtype=np.int64)
+    open_rooms: list[tuple[int, int]] = []  # (room, row), sorted, of rows that can take another text
+    count = [0] * max_rows
+    opened = 0
+    smallest = lengths[-1] if len(lengths) else 0
+    for i, n in enumerate(lengths):
+        k = bisect.bisect_left(open_rooms, (n, -1))
+        if k < len(open_rooms):
+            room, r = open_rooms.pop(k)
+        elif opened < max_rows:
+            room, r = length, opened
+            opened += 1
+        else:
+            if not open_rooms or open_rooms[-1][0] < smallest:
+                break  # every row is full for what is left
+            continue
+        rows[i] = r
+        count[r] += 1
+        room -= n
+        if count[r] < max_segments and room >= smallest:
+            bisect.insort(open_rooms, (room, r))
+    return rows
 
 
 def packed_batches(
@@ -197,9 +203,10 @@ def packed_batches(
             length = max(bucket_for(len(ids[remaining[0]]), buckets), min(PACK_MIN_LENGTH, max_len))
             max_rows = max(1, min(batch_size, budget // length))
             segments = max(1, length // 8)
-            lo, hi, rows = pack_rows([len(ids[j]) for j in remaining], length, max_rows, segments)
-            sel = np.concatenate([remaining[:lo], remaining[hi:]])
-            remaining = remaining[lo:hi]
+            rows = pack_rows([len(ids[j]) for j in remaining], length, max_rows, segments)
+            taken = rows >= 0
+            sel, rows = remaining[taken], rows[taken]
+            remaining = remaining[~taken]
             n_rows = batch_rows(int(rows.max()) + 1, max_rows)
             yield start + sel, _fill_rows([ids[j] for j in sel], rows, n_rows, length, segments, tokenizer.pad_id)
 
