@@ -409,6 +409,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         api_key=api_key or None,
         model_name=args.model_name if args.model_name is not None else args.model,
+        warmup=args.warmup,
         **limits,
     )
 
@@ -423,6 +424,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", type=non_empty, help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", default=8080, type=port, help="TCP port (default 8080; 0: any free port, logged)")
+    p.add_argument(
+        "--warmup",
+        action="store_true",
+        help="compile every batch shape before listening (with the compilation cache, later starts load them)",
+    )
     p.add_argument("--max-batch-tokens", type=positive_int, default=None, help="padded tokens per device batch")
     p.add_argument(
         "--max-concurrent-requests", type=positive_int, default=None, help="requests admitted at once; more get 429"
