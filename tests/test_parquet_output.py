@@ -238,3 +238,41 @@ def test_cli_parquet_many_inputs_summary_and_quiet(tiny_ckpt, tmp_path, capsys):
     assert capsys.readouterr().err == ""
     assert main([*argv[:-2], "--shard-size", "9", "--quiet"]) == 2
     assert "different settings (shard_size)" in capsys.readouterr().err
+
+
+def test_pandas_and_duckdb_read_it_from_a_bucket(jax_model):
+    """The README's bucket flow on fsspec's in-memory filesystem (gs:// goes through gcsfs the same way):
+    inputs and output in the "bucket", the output read there by pandas and by DuckDB."""
+    import uuid
+
+    import duckdb
+    import fsspec
+    import pandas as pd
+
+    fs = fsspec.filesystem("memory")
+    bucket = f"memory://bucket-{uuid.uuid4().hex}"
+    texts = _texts(9)
+    rows = "".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+    fs.pipe_file(f"{bucket}/corpus/train-0.jsonl.gz", gzip.compress(rows.encode()))
+    try:
+        embed_corpus(
+            jax_model,
+            f"{bucket}/corpus/train-*.jsonl.gz",
+            f"{bucket}/emb",
+            id_field="id",
+            output_format="parquet",
+            shard_size=4,
+        )
+        expected = jax_model.encode(texts, prompt_name="document")
+        df = pd.read_parquet(f"{bucket}/emb/shards/")
+        assert df["id"].tolist() == [f"d{i}" for i in range(9)]
+        np.testing.assert_allclose(np.stack(df["embedding"].to_numpy()), expected, atol=F32_ATOL, rtol=0)
+        con = duckdb.connect()
+        con.register_filesystem(fs)
+        (top,) = con.sql(
+            f"SELECT id FROM read_parquet('{bucket}/emb/shards/*.parquet') "
+            f"ORDER BY list_cosine_similarity(embedding, {expected[4].tolist()}::FLOAT[]) DESC LIMIT 1"
+        ).fetchall()
+        assert top == ("d4",)
+    finally:
+        fs.rm(bucket.split("://")[1], recursive=True)

@@ -50,7 +50,7 @@ from embgemma_jax.corpus.readers import CorpusError, resolve
 STALE_AFTER_S = 600.0
 HEARTBEAT_S = 60.0
 # fsspec protocols whose open(..., "xb") creates a file only if it does not exist (GCS and S3: a
-# conditional upload; memory: a check in this process).
+# conditional upload, gcsfs and s3fs >= 2024.12; memory: a check in this process).
 _EXCLUSIVE_CREATE = {"memory", "gs", "gcs", "s3", "s3a"}
 
 
@@ -214,9 +214,12 @@ class Store:
                 fh.write(data)
             return
         if self.protocol in _EXCLUSIVE_CREATE:
-            with self.fs.open(path, "xb") as fh:
-                fh.write(data)
-            return
+            try:
+                with self.fs.open(path, "xb") as fh:
+                    fh.write(data)
+                return
+            except (NotImplementedError, ValueError):  # a version without exclusive writes (gcsfs/s3fs < 2024.12)
+                pass
         if self.fs.exists(path):
             raise FileExistsError(path)
         self.fs.pipe_file(path, data)
