@@ -271,10 +271,12 @@ def cmd_embed_corpus(args: argparse.Namespace) -> int:
         shards.check_format(args.format)
     except ValueError as e:
         raise UsageError(f"--format {args.format}: {e}") from None
-    # The inputs and the output are checked before anything starts (names, formats, sizes: file-level only).
+    # The inputs and the output are checked before anything starts: every file's name, format and size, the
+    # decompressors, and the first parquet file's columns (each process checks all of its own when it starts).
     corpus = Corpus(args.input, text_field=args.text_field, id_field=args.id_field)
     for f in corpus.files:
         check_decompressor(f.url, f.compression)
+    next((f for f in corpus.files if f.format == "parquet" and f.size > 0), corpus.files[0]).check()
     store = shards.prepare_output_dir(args.output)
 
     if args.distributed or given:

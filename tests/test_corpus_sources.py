@@ -404,3 +404,26 @@ def test_object_store_lock_refuses_a_live_holder_and_takes_over_a_stale_one(jax_
         assert _run(jax_model, f"{root}/in.txt", out)["documents"] == 6
     finally:
         fs.rm(root.split("://")[1], recursive=True)
+
+
+def test_cli_input_errors_come_before_the_model_loads(tmp_path, capsys):
+    from embgemma_jax.cli import main
+
+    (tmp_path / "a.parquet").write_bytes(_parquet(["x"]))
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "b.parquet")
+    (tmp_path / "c.jsonl.zst").write_bytes(_zstd(b'{"text": "x"}\n'))
+    base = ["embed-corpus", "--model", "/nonexistent/model-dir", "--output", str(tmp_path / "out"), "--input"]
+    cases = [
+        ([str(tmp_path / "*.jsonl")], rf"input pattern '{re.escape(str(tmp_path))}/\*\.jsonl' matches no file"),
+        (
+            [str(tmp_path / "b.parquet"), str(tmp_path / "a.parquet")],
+            r"b\.parquet: no text column 'text' \(columns: \['body'\]\)",
+        ),
+        ([str(tmp_path / "*.parquet"), str(tmp_path / "a.parquet")], r"a\.parquet is named twice"),
+    ]
+    for patterns, message in cases:
+        assert main([*base, *patterns]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and re.search(message, err), err
+    assert main([*base, str(tmp_path / "c.jsonl.zst"), "--format", "parquet", "--id-field", ""]) == 2
+    assert "id_field must be a non-empty string or None" in capsys.readouterr().err
