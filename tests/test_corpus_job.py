@@ -252,6 +252,42 @@ def test_two_processes_killed_and_resumed_equal_encode(tiny_ckpt, jax_model, tmp
     assert json.loads((out / "commits" / "p00001-s000000.json").read_text())["start"] == [1, end0_line]
 
 
+def test_a_bad_input_of_one_process_stops_both(tiny_ckpt, tmp_path):
+    """Process 1's own parquet file lacks the text column: both processes stop with the error, none hangs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["one", "two"]}), tmp_path / "c-1.parquet")
+    (tmp_path / "a.txt").write_text("\n".join(_corpus_lines()[:60]) + "\n")
+    pq.write_table(pa.table({"body": ["three"]}), tmp_path / "c-2.parquet")
+    inputs = [str(tmp_path / n) for n in ("c-1.parquet", "a.txt", "c-2.parquet")]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist = ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--quiet"]
+    procs = [
+        subprocess.Popen(
+            [*_cli(tiny_ckpt, inputs[0], tmp_path / "out", *dist, "--process-id", str(i)), "--input", *inputs],
+            env=_env(1),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        errs = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    bad = f"{tmp_path / 'c-2.parquet'}: no text column 'text' (columns: ['body'])"
+    assert [p.returncode for p in procs] == [2, 2], errs
+    assert errs[1].strip().splitlines()[-1] == f"error: {bad}"
+    assert errs[0].strip().splitlines()[-1] == f"error: process 1 stopped: {bad}"
+
+
 @pytest.fixture(scope="module")
 def bad_jsonl(tmp_path_factory) -> tuple[Path, list[tuple[object, str]]]:
     """A jsonl with good records (a duplicate id among them) and every kind of malformed one."""

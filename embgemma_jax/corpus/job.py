@@ -122,10 +122,14 @@ def _describe(diffs: list[tuple[str, Any, Any]], old_label: str, new_label: str)
     return f"({names}): {details}"
 
 
-def _agree(settings: dict[str, Any], tail: int | None, proc: int) -> list[int | None]:
-    """Checks that every process runs with the same settings; returns every process's tail count."""
+def _agree(settings: dict[str, Any], tail: int | None, proc: int, problem: str | None) -> list[int | None]:
+    """Checks that no process found a problem in its input and that every process runs with the same
+    settings; returns every process's tail count."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    peers = _allgather_json({"settings_sha256": digest, "tail": tail})
+    peers = _allgather_json({"settings_sha256": digest, "tail": tail, "problem": problem})
+    for i, peer in enumerate(peers):
+        if peer["problem"] is not None:
+            raise CorpusError(peer["problem"] if i == proc else f"process {i} stopped: {peer['problem']}")
     if any(p["settings_sha256"] != digest for p in peers):
         for i, theirs in enumerate(_allgather_json(settings)):  # every process sees the mismatch: all gather
             if theirs != settings:
@@ -294,9 +298,14 @@ def embed_corpus(
     nproc, proc = jax.process_count(), jax.process_index()
     with shards.exclusive_output(store, proc) as lock:
         parts = corpus.split(nproc)
-        for pc in parts[proc]:
-            corpus.files[pc.file].check()
-        id_kind = _id_kind(corpus, parts[proc]) if output_format == "parquet" else None
+        problem, id_kind, tail = None, None, None
+        try:  # this process's own files: a problem found here is reported by every process, none waits
+            for pc in parts[proc]:
+                corpus.files[pc.file].check()
+            id_kind = _id_kind(corpus, parts[proc]) if output_format == "parquet" else None
+            tail = corpus.tail_count(parts[proc])
+        except CorpusError as e:
+            problem = str(e)
         settings = _settings(
             model,
             corpus,
@@ -309,7 +318,7 @@ def embed_corpus(
             output_format=output_format,
             id_kind=id_kind,
         )
-        tails = _agree(settings, corpus.tail_count(parts[proc]), proc)
+        tails = _agree(settings, tail, proc, problem)
         plan = corpus.layout(parts, tails)[proc]
         run = {"settings": settings, "process": proc, **plan.to_json(), "mtimes": corpus.mtimes()}
         _check_resume(store, f"run-p{proc:05d}-of-{nproc:05d}.json", run)
