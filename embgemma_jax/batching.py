@@ -17,6 +17,7 @@ Every caller (``encode``, the pooling variants, the corpus job, the server) batc
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
@@ -86,6 +87,25 @@ def tokenize_window(batch_size: int, token_budget: int | None) -> int:
     return max(batch_size * 16, 4 * budget // 16 if token_budget is not None else 256)
 
 
+def tokenized_windows(tokenizer: Any, texts: Sequence[str], window: int) -> Iterator[tuple[int, list[list[int]]]]:
+    """(start, token ids) of each window of ``window`` texts. The next window is tokenized in a background
+    thread while the caller works on this one (SentencePiece releases the GIL), so tokenization overlaps
+    batch assembly and device dispatch. At most two windows are held at once."""
+    starts = range(0, len(texts), window)
+    if len(starts) <= 1:
+        for start in starts:
+            yield start, tokenizer.encode(texts[start : start + window])
+        return
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embgemma-tokenize") as pool:
+        pending = pool.submit(tokenizer.encode, texts[0:window])
+        for start in starts:
+            ids = pending.result()
+            nxt = start + window
+            if nxt < len(texts):
+                pending = pool.submit(tokenizer.encode, texts[nxt : nxt + window])
+            yield start, ids
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchPlan:
     """One batch: which texts (positions in the planned list), padded to ``length`` tokens and ``rows`` rows."""
@@ -123,8 +143,7 @@ def padded_batches(
     holds empty padding rows after the ``len(indices)`` real ones.
     """
     window = tokenize_window(batch_size, token_budget)
-    for start in range(0, len(texts), window):
-        ids = tokenizer.encode(texts[start : start + window])
+    for start, ids in tokenized_windows(tokenizer, texts, window):
         for b in plan_batches([len(x) for x in ids], batch_size, token_budget, tokenizer.max_length):
             rows = [ids[i] for i in b.indices]
             yield start + b.indices, tokenizer.pad(rows + [[]] * (b.rows - len(rows)), b.length)
@@ -196,8 +215,7 @@ def packed_batches(
     max_len = tokenizer.max_length
     buckets = bucket_lengths(max_len)
     budget = min(token_budget, MAX_BATCH_TOKENS)
-    for start in range(0, len(texts), tokenize_window(batch_size, token_budget)):
-        ids = tokenizer.encode(texts[start : start + tokenize_window(batch_size, token_budget)])
+    for start, ids in tokenized_windows(tokenizer, texts, tokenize_window(batch_size, token_budget)):
         remaining = np.argsort([-len(x) for x in ids], kind="stable")
         while remaining.size:
             length = max(bucket_for(len(ids[remaining[0]]), buckets), min(PACK_MIN_LENGTH, max_len))

@@ -90,3 +90,12 @@ def test_warmup_compiles_every_shape_the_job_uses(tiny_ckpt, token_budget):
     model.encode(texts, batch_size=16, token_budget=token_budget)
     assert program._cache_size() == compiled
     assert model.engine.stats["batches"] > 0  # real batches counted, placeholders not
+
+
+def test_tokenized_windows_prefetch_keeps_order(jax_model):
+    from embgemma_jax.batching import tokenized_windows
+
+    texts = _texts(500, seed=6)
+    got = list(tokenized_windows(jax_model.tokenizer, texts, 64))
+    assert [s for s, _ in got] == list(range(0, len(texts), 64))
+    assert [i for _, ids in got for i in ids] == jax_model.tokenizer.encode(texts)
