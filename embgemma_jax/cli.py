@@ -483,6 +483,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
         prompt_name=args.prompt_name,
         prompt=args.prompt,
         reference=False if args.no_reference else None,
+        progress=True,
     )
     failures = check_tolerances(report, **tolerances)
     report["tolerances"] = {k: v for k, v in tolerances.items() if v is not None}

@@ -21,6 +21,8 @@ Use :func:`parity_report` from Python, or ``embgemma-jax parity`` on the command
 from __future__ import annotations
 
 import math
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,7 @@ def parity_report(
     prompt: str | None = None,
     reference: bool | None = None,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Compares our JAX model with the float64 oracle and (if available) the PyTorch reference.
 
@@ -119,6 +122,7 @@ def parity_report(
       prompt_name, prompt: the prompt prepended to every text, as in ``encode``.
       reference: compare with PyTorch: True requires it, False skips it, None uses it when importable.
       batch_size: batch size of the ``encode`` run.
+      progress: print each step and its time to stderr (the float64 oracle on the real model takes minutes).
 
     Returns:
       A JSON-serializable dict: ``stages`` (one entry per stage with ``scale`` and per-pair
@@ -140,8 +144,16 @@ def parity_report(
     if use_torch and not _reference_available():
         raise ValueError("reference=True needs torch, transformers and sentence-transformers installed")
 
+    started = time.perf_counter()
+
+    def step(what: str) -> None:
+        if progress:
+            print(f"parity: {what} ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
+
+    step("loading the model")
     jmodel = EmbeddingGemma.from_pretrained(model, dtype=dtype)
     cfg = jmodel.config
+    step("loading float32 weights for the float64 oracle")
     ckpt = load_checkpoint(jmodel.source, dtype=np.float32)  # float32 weights for the oracle
     if use_torch and not (Path(jmodel.source) / "modules.json").is_file():
         if reference:
@@ -149,11 +161,16 @@ def parity_report(
         use_torch = False
     p = resolve_prompt(jmodel.prompts, prompt_name, prompt, jmodel.default_prompt_name) or ""
 
+    step(f"JAX: intermediates and encode of {len(texts)} texts")
     it = jmodel.inspect(texts, prompt=p, mark_padding=False)
     encoded = jmodel.encode(texts, prompt=p, batch_size=batch_size)
     ids, mask = it.input_ids, it.attention_mask.astype(bool)
+    step(f"float64 oracle on {ids.shape[0]} x {ids.shape[1]} tokens")
     oracle = oracle_forward(ckpt.params, cfg, ids, it.attention_mask, it.pool_mask)
+    if use_torch:
+        step("PyTorch reference (transformers + sentence-transformers)")
     torch_out = _torch_side(jmodel.source, texts, p, ids, it.attention_mask, cfg.num_layers) if use_torch else None
+    step("comparing")
 
     n = cfg.num_layers
     stages: list[dict[str, Any]] = []
