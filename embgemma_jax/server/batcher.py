@@ -30,9 +30,6 @@ from embgemma_jax.server.metrics import Metrics
 log = logging.getLogger("embgemma_jax.server")
 
 
-_WARMUP_WORDS = "the quick brown fox jumps over the lazy dog while a planet turns".split()
-
-
 def batch_size_for(max_batch_tokens: int, longest: int, max_len: int) -> int:
     """The ``batch_size`` the server passes to ``encode`` for a call whose longest text has ``longest``
     tokens: the largest power of two with ``batch_size * bucket(longest) <= max_batch_tokens`` (at least 1).
@@ -148,41 +145,15 @@ class Batcher:
             shapes += [(2**k, length) for k in range(cap.bit_length())]
         return shapes
 
-    def warmup(self, log_every: float = 10.0) -> int:
-        """Compiles every batch shape of :meth:`warmup_shapes` before serving, through ``encode`` itself
-        (``r`` copies of a text of the bucket's length), so no request waits for a compilation. Returns
-        the number of shapes run. Call before :meth:`start`."""
+    def warmup(self) -> int:
+        """Compiles every batch shape of :meth:`warmup_shapes` before serving (the engine runs the reference
+        program once per shape on placeholder ids), so no request waits for a compilation. Returns the
+        number of shapes. Call before :meth:`start`."""
         shapes = self.warmup_shapes()
-        started = last = time.perf_counter()
-        texts: dict[int, str] = {}
-        for i, (rows, length) in enumerate(shapes):
-            if length not in texts:
-                texts[length] = self._text_of_bucket(length)
-            self.model.encode(
-                [texts[length]] * rows,
-                prompts_per_text=[""] * rows,
-                batch_size=batch_size_for(self.max_batch_tokens, length, self.max_len),
-            )
-            if time.perf_counter() - last > log_every:
-                last = time.perf_counter()
-                log.info("warm-up: %d/%d batch shapes compiled (%.0f s)", i + 1, len(shapes), last - started)
-        return len(shapes)
-
-    def _text_of_bucket(self, length: int) -> str:
-        """A text whose token count (BOS and EOS included) pads to ``length``: longer than the bucket below."""
-        buckets = bucket_lengths(self.model.config.max_seq_length)
-        below = max([b for b in buckets if b < length], default=0)
-        tok = self.model.tokenizer
-        for offset in range(len(_WARMUP_WORDS)):  # another start if one word jumps over the bucket
-            words: list[str] = []
-            for i in range(4 * length):
-                words.append(_WARMUP_WORDS[(offset + i) % len(_WARMUP_WORDS)])
-                n = len(tok.encode([" ".join(words)])[0])
-                if n > below:
-                    if n <= length:
-                        return " ".join(words)
-                    break
-        raise RuntimeError(f"could not build a warm-up text of {below + 1} to {length} tokens")
+        started = time.perf_counter()
+        n = self.model.engine.warmup(self.model.params, shapes)
+        log.info("warm-up: %d batch shapes compiled in %.0f s", n, time.perf_counter() - started)
+        return n
 
     def start(self) -> None:
         self._thread.start()

@@ -1,0 +1,22 @@
+"""The server's warm-up compiles, through the engine, every batch shape its encode calls can make."""
+
+import numpy as np
+
+from embgemma_jax import EmbeddingGemma
+from embgemma_jax.server.batcher import Batcher, batch_size_for
+from embgemma_jax.server.metrics import Metrics
+
+
+def test_warmup_covers_the_servers_shapes(tiny_ckpt):
+    model = EmbeddingGemma.from_pretrained(tiny_ckpt)
+    batcher = Batcher(model, max_batch_tokens=96, max_concurrent_requests=8, metrics=Metrics())
+    shapes = batcher.warmup_shapes()
+    assert batcher.warmup() == len(shapes)
+    compiled = model.engine.forward._cache_size()
+    assert compiled == len(shapes)
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 7, 16):  # calls as the device thread makes them
+        texts = [" ".join(["word"] * int(k)) for k in rng.integers(0, 90, n)]
+        longest = max(len(x) for x in model.tokenizer.encode(texts))
+        model.encode(texts, batch_size=batch_size_for(96, longest, model.config.max_seq_length))
+    assert model.engine.forward._cache_size() == compiled  # nothing new compiled
