@@ -17,7 +17,10 @@ the fused ``forward`` program; any other plan runs ``states`` once per batch and
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
+import itertools
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -95,6 +98,10 @@ def finish(x: np.ndarray, dim: int | None, normalize: bool) -> np.ndarray:
     """The one truncate/normalize step: keep the first ``dim`` columns, then L2-normalize if asked."""
     x = np.ascontiguousarray(x[:, :dim], dtype=np.float32) if dim is not None and dim < x.shape[1] else x
     return normalize_rows(x) if normalize else x
+
+
+# Batches planned ahead of the first dispatch, whose new shapes compile in parallel (see Engine._compile_ahead).
+COMPILE_AHEAD = 32
 
 
 def _padded(values: np.ndarray, rows: int) -> np.ndarray:
@@ -240,16 +247,19 @@ class Engine:
                 f"the embedding table [0, {self.config.vocab_size}); this token cannot be embedded by this model"
             )
 
-    def place(self, program: str, *arrays: np.ndarray | None, split: bool = True) -> list[jax.Array | None]:
+    def place(
+        self, program: str, *arrays: np.ndarray | None, split: bool = True, count: bool = True
+    ) -> list[jax.Array | None]:
         """Checked host arrays [B, T] -> device arrays (with a mesh and ``split``, rows padded to a multiple of
-        the mesh's devices and split over it), recording the program and shape in :attr:`compiled`."""
+        the mesh's devices and split over it), recording the program and shape in :attr:`compiled` and (with
+        ``count``) the real and device tokens in :attr:`stats`."""
         if self.mesh is not None and split:
             out = sharding.shard_batch(self.mesh, *arrays)
         else:
             out = [None if a is None else jnp.asarray(a, jnp.int32) for a in arrays]
         with self._lock:
             self.compiled.add((program, tuple(out[0].shape)))
-            if arrays[1] is not None:
+            if count and arrays[1] is not None:
                 self.stats["real_tokens"] += int(np.count_nonzero(arrays[1]))
                 self.stats["device_tokens"] += int(np.prod(out[0].shape))
                 self.stats["batches"] += 1
@@ -293,23 +303,48 @@ class Engine:
 
     def warmup(self, params: Any, shapes: Iterable[tuple[Any, ...]]) -> int:
         """Compiles the reference programs for these shapes (from :meth:`batch_shapes`) by running each once on
-        placeholder ids, so the job that follows waits for no compilation; with the persistent compilation
-        cache on, the next process loads them instead. Returns the number of shapes run."""
-        n, saved = 0, dict(self.stats)
-        for shape in sorted(shapes):
+        placeholder ids, several at once (XLA compiles in parallel threads), so the job that follows waits for
+        no compilation; with the persistent compilation cache on, the next process loads them instead.
+        Returns the number of shapes run."""
+        shapes = sorted(set(shapes))
+
+        def one(shape: tuple[Any, ...]) -> None:
             rows, length = shape[:2]
             ids = np.zeros((rows, length), np.int32)
             ones = np.ones((rows, length), np.int32)
             if len(shape) == 3:
-                d_ids, d_seg, d_pos = self.place("forward_packed", ids, ones, np.zeros_like(ids))
+                d_ids, d_seg, d_pos = self.place("forward_packed", ids, ones, np.zeros_like(ids), count=False)
                 jax.block_until_ready(self.forward_packed(params, d_ids, d_seg, d_pos, num_segments=shape[2]))
             else:
-                d_ids, d_mask = self.place("forward", ids, ones)
+                d_ids, d_mask = self.place("forward", ids, ones, count=False)
                 jax.block_until_ready(self.forward(params, d_ids, d_mask, d_mask).embeddings)
-            n += 1
-        with self._lock:  # placeholders are not work: the token counts stay those of real batches
-            self.stats.update(saved)
-        return n
+
+        workers = min(len(shapes), os.cpu_count() or 1, 8)
+        if workers <= 1:
+            for shape in shapes:
+                one(shape)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="embgemma-compile") as pool:
+                list(pool.map(one, shapes))
+        return len(shapes)
+
+    def _compile_ahead(self, params: Any, batches: Iterator[tuple[np.ndarray, Any]], program: str):
+        """Plans up to :data:`COMPILE_AHEAD` batches ahead and compiles the shapes ``program`` has not run yet
+        in parallel (a cold pass then waits for the slowest compilation, not their sum); yields the same
+        batches. Single device only (with a mesh, rows are padded before the shape is known)."""
+        if self.mesh is not None:
+            yield from batches
+            return
+        ahead = list(itertools.islice(batches, COMPILE_AHEAD))
+        shapes = {
+            (*b.input_ids.shape, b.segments) if program == "forward_packed" else b["input_ids"].shape for _, b in ahead
+        }
+        with self._lock:
+            new = {shape for shape in shapes if (program, tuple(shape[:2])) not in self.compiled}
+        if len(new) > 1:
+            self.warmup(params, new)
+        yield from ahead
+        yield from batches
 
     # ------------------------------------------------------------------------------------------------
     # The loop
@@ -400,9 +435,12 @@ class Engine:
         out: dict[str, np.ndarray] = {}
         if fused and lengths is None and token_budget is not None:  # throughput mode: several texts per row
             batches = batching.packed_batches(self.tokenizer, texts, batch_size, token_budget)
+            batches = self._compile_ahead(params, batches, "forward_packed")
             run = self.dispatch_ahead(batches, dispatch_packed)
         else:
             batches = batching.padded_batches(self.tokenizer, texts, batch_size, token_budget)
+            if fused and lengths is None:
+                batches = self._compile_ahead(params, batches, "forward")
             run = self.dispatch_ahead(batches, dispatch)
         try:
             for idx, result in run:

@@ -99,3 +99,18 @@ def test_tokenized_windows_prefetch_keeps_order(jax_model):
     got = list(tokenized_windows(jax_model.tokenizer, texts, 64))
     assert [s for s, _ in got] == list(range(0, len(texts), 64))
     assert [i for _, ids in got for i in ids] == jax_model.tokenizer.encode(texts)
+
+
+def test_a_cold_pass_compiles_its_first_shapes_ahead_and_only_once(tiny_ckpt):
+    """encode plans its first batches, compiles their new shapes together (in parallel), and a second call
+    compiles and warms nothing again; the numbers are those of the reference path."""
+    model = EmbeddingGemma.from_pretrained(tiny_ckpt)
+    texts = _texts(200, seed=7)
+    first = model.encode(texts, batch_size=16)
+    compiled = model.engine.forward._cache_size()
+    assert compiled >= 2 and {p for p, _ in model.engine.compiled} == {"forward"}
+    calls = []
+    original = model.engine.warmup
+    model.engine.warmup = lambda *a, **k: calls.append(a) or original(*a, **k)
+    np.testing.assert_array_equal(model.encode(texts, batch_size=16), first)
+    assert calls == [] and model.engine.forward._cache_size() == compiled
