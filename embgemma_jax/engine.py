@@ -3,15 +3,18 @@
 Programs (each compiled once per input shape; :attr:`Engine.compiled` records every program and shape):
 
   * ``forward``: the reference pipeline fused in one program (encoder, mean pool, dense head, L2 norm).
+  * ``forward_packed``: the same on packed rows (several texts per row, each pooled on its own).
   * ``states``: the encoder alone, returning the final states or all ``num_layers + 1`` hidden states.
   * ``pool_head``: one pooling variant (:class:`~embgemma_jax.pooling.PoolingPlan`) over selected states.
   * ``capture``: the reference pipeline returning the intermediates a :class:`Capture` asks for.
 
 :meth:`Engine.embed` is the one loop from prompted texts to vectors: the batch planner
-(:mod:`embgemma_jax.batching`) pads the texts into batches, each batch is checked (ids inside the
-table), placed (split over the mesh, rows padded to the device count) and dispatched; results are read
-back one batch behind, so the host tokenizes and pads while the device computes. The reference plan runs
-the fused ``forward`` program; any other plan runs ``states`` once per batch and ``pool_head`` per plan.
+(:mod:`embgemma_jax.batching`) pads the texts into batches (or, with a token budget, packs them into
+rows), each batch is checked (ids inside the table), placed (split over the mesh, rows padded to the
+device count) and dispatched; results are read back one batch behind, so the host tokenizes and pads while
+the device computes. The shapes of the first batches compile in parallel before the first dispatch. The
+reference plan runs the fused ``forward`` (or ``forward_packed``) program; any other plan runs ``states``
+once per batch and ``pool_head`` per plan.
 """
 
 from __future__ import annotations
@@ -393,7 +396,8 @@ class Engine:
           texts: texts with their prompts in front (see :func:`embgemma_jax.prompts.prepare`).
           plans: name -> pooling plan; ``{name: self.reference_plan}`` runs the fused reference program.
           prompts: each text's prompt, needed when a plan excludes the prompt from the pool.
-          batch_size, token_budget: see :func:`embgemma_jax.batching.plan_batches`.
+          batch_size, token_budget: see :func:`embgemma_jax.batching.plan_batches`; with a token budget the
+            reference plan packs several texts per row (:func:`embgemma_jax.batching.packed_batches`).
           progress: show a progress bar.
         """
         batching.check_batching(batch_size, token_budget)
