@@ -86,7 +86,7 @@ class EmbeddingGemma:
         self.truncate_dim = truncate_dim
         # As sentence-transformers: the argument, else the checkpoint's config_sentence_transformers.json, else cosine.
         if similarity_fn_name is None:
-            similarity_fn_name = getattr(checkpoint, "similarity_fn_name", None) or "cosine"
+            similarity_fn_name = checkpoint.similarity_fn_name or "cosine"
         self.similarity_fn_name = similarity_fn_name
 
     @property
@@ -195,7 +195,15 @@ class EmbeddingGemma:
         if self.quantized:
             raise ValueError("this model's parameters are int8; load without quantize= for float parameters")
         params = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), self.layer_params())
-        return Checkpoint(self.config, params, self.prompts, self.default_prompt_name, self.tokenizer_dir, self.source)
+        return Checkpoint(
+            self.config,
+            params,
+            self.prompts,
+            self.default_prompt_name,
+            self.tokenizer_dir,
+            self.source,
+            self.similarity_fn_name,
+        )
 
     def save_converted(self, out_dir: str | Path) -> Path:
         """Writes this model in the converted format (float32 parameters)."""

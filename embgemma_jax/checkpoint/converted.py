@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from embgemma_jax.checkpoint.safetensors_file import SafetensorsFile
-from embgemma_jax.checkpoint.tree import Checkpoint, Put, flatten, layer_indices, set_path
+from embgemma_jax.checkpoint.tree import Checkpoint, Put, check_similarity_fn_name, flatten, layer_indices, set_path
 from embgemma_jax.config import EmbeddingGemmaConfig
 from embgemma_jax.errors import CheckpointError, read_json
 
@@ -57,13 +57,13 @@ def save_converted(ckpt: Checkpoint, out_dir: str | Path) -> Path:
         "config": ckpt.config.to_dict(),
         "prompts": ckpt.prompts,
         "default_prompt_name": ckpt.default_prompt_name,
-        "similarity_fn_name": "cosine",
+        "similarity_fn_name": ckpt.similarity_fn_name or "cosine",
     }
     (out_dir / CONVERTED_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return out_dir
 
 
-def _read_meta(directory: Path) -> tuple[EmbeddingGemmaConfig, dict[str, str], str | None]:
+def _read_meta(directory: Path) -> tuple[EmbeddingGemmaConfig, dict[str, str], str | None, str | None]:
     path = directory / CONVERTED_CONFIG
     meta = read_json(path)
     if meta.get("format") != FORMAT_NAME:
@@ -84,7 +84,7 @@ def _read_meta(directory: Path) -> tuple[EmbeddingGemmaConfig, dict[str, str], s
         raise CheckpointError(f"{path}: prompts must map names to strings")
     if default is not None and default not in prompts:
         raise CheckpointError(f"{path}: default_prompt_name {default!r} is not one of the prompts {sorted(prompts)}")
-    return cfg, dict(prompts), default
+    return cfg, dict(prompts), default, check_similarity_fn_name(meta.get("similarity_fn_name"), path)
 
 
 def load_converted(directory: str | Path, *, put: Put | None = None) -> Checkpoint:
@@ -93,7 +93,7 @@ def load_converted(directory: str | Path, *, put: Put | None = None) -> Checkpoi
     from embgemma_jax.model import param_shapes
 
     directory = Path(directory)
-    cfg, prompts, default = _read_meta(directory)
+    cfg, prompts, default, similarity = _read_meta(directory)
     config_path, path = directory / CONVERTED_CONFIG, directory / CONVERTED_PARAMS
     params: dict[str, Any] = {}
     with SafetensorsFile(path) as f:
@@ -112,4 +112,4 @@ def load_converted(directory: str | Path, *, put: Put | None = None) -> Checkpoi
             ours = tuple(name.split("/"))
             arr = f.read(name)
             set_path(params, ours, put(ours, arr) if put is not None else arr)
-    return Checkpoint(cfg, params, prompts, default, directory, directory)
+    return Checkpoint(cfg, params, prompts, default, directory, directory, similarity)

@@ -20,7 +20,15 @@ from typing import Any
 import numpy as np
 
 from embgemma_jax.checkpoint.safetensors_file import SafetensorsFile
-from embgemma_jax.checkpoint.tree import PICKLE_NAMES, Checkpoint, ParamPath, Put, layer_indices, set_path
+from embgemma_jax.checkpoint.tree import (
+    PICKLE_NAMES,
+    Checkpoint,
+    ParamPath,
+    Put,
+    check_similarity_fn_name,
+    layer_indices,
+    set_path,
+)
 from embgemma_jax.config import EmbeddingGemmaConfig
 from embgemma_jax.errors import CheckpointError, read_json
 
@@ -311,10 +319,11 @@ def read_st_config(directory: str | Path) -> EmbeddingGemmaConfig:
         return _open(Path(directory), stack).config
 
 
-def _read_prompts(directory: Path) -> tuple[dict[str, str], str | None]:
+def _read_prompts(directory: Path) -> tuple[dict[str, str], str | None, str | None]:
+    """The prompt table, the default prompt name and the similarity function name."""
     path = directory / "config_sentence_transformers.json"
     if not path.is_file():
-        return {}, None
+        return {}, None, None
     conf = read_json(path)
     prompts = conf.get("prompts") or {}
     default = conf.get("default_prompt_name")
@@ -322,7 +331,7 @@ def _read_prompts(directory: Path) -> tuple[dict[str, str], str | None]:
         raise CheckpointError(f"{path}: prompts must map names to strings")
     if default is not None and default not in prompts:
         raise CheckpointError(f"{path}: default_prompt_name {default!r} is not one of the prompts {sorted(prompts)}")
-    return dict(prompts), default
+    return dict(prompts), default, check_similarity_fn_name(conf.get("similarity_fn_name"), path)
 
 
 def load_st_checkpoint(directory: str | Path, *, put: Put | None = None) -> Checkpoint:
@@ -334,7 +343,7 @@ def load_st_checkpoint(directory: str | Path, *, put: Put | None = None) -> Chec
     directory = Path(directory)
     with contextlib.ExitStack() as stack:
         opened = _open(directory, stack)
-        prompts, default = _read_prompts(directory)
+        prompts, default, similarity = _read_prompts(directory)
         table = backbone_table(opened.config)
         params: dict[str, Any] = {}
         for key, (f, name) in opened.backbone.items():  # file order: each file is read front to back
@@ -345,4 +354,4 @@ def load_st_checkpoint(directory: str | Path, *, put: Put | None = None) -> Chec
             ours = ("head", f"dense_{i}")
             arr = _transpose(f.read("linear.weight"))
             set_path(params, ours, put(ours, arr) if put is not None else arr)
-    return Checkpoint(opened.config, params, prompts, default, opened.layout.backbone_dir, directory)
+    return Checkpoint(opened.config, params, prompts, default, opened.layout.backbone_dir, directory, similarity)

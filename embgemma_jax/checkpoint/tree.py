@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 
 from embgemma_jax.config import EmbeddingGemmaConfig
+from embgemma_jax.errors import CheckpointError
+from embgemma_jax.similarity import SIMILARITY_FN_NAMES
 
 ParamPath = tuple[str, ...]
 # What a loader does with each tensor once it is read and in our layout: returns what the tree stores
@@ -31,6 +33,14 @@ class Checkpoint:
     default_prompt_name: str | None
     tokenizer_dir: Path
     source: Path
+    similarity_fn_name: str | None = None  # from config_sentence_transformers.json; None: not given (cosine)
+
+
+def check_similarity_fn_name(value: Any, path: Path) -> str | None:
+    """A checkpoint's ``similarity_fn_name`` (None if absent), refused by name if it is not one we compute."""
+    if value is None or value in SIMILARITY_FN_NAMES:
+        return value
+    raise CheckpointError(f"{path}: similarity_fn_name {value!r} is not one of {list(SIMILARITY_FN_NAMES)}")
 
 
 def set_path(tree: dict[str, Any], path: ParamPath, value: Any) -> None:
