@@ -9,8 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # checks the default) so that every test compiles what it runs.
 os.environ.setdefault("EMBGEMMA_COMPILATION_CACHE", "off")
 
+import collections  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 # One tolerance for float32 parity against the PyTorch reference, stated once: both sides compute in
@@ -18,6 +20,25 @@ import pytest  # noqa: E402
 # ~2e-7, and 1e-5 leaves room for other backends while any real bug (window, causality, prompt,
 # dense head) moves values by >1e-2.
 F32_ATOL = 1e-5
+
+# XLA compilations so far in this process, per jitted function ("jit(_forward)", ...), from JAX's own
+# compile events: ahead-of-time compiles and compiles on a call alike (a warmed-up program's first call
+# compiles nothing, while its jit cache still counts a new entry).
+_BACKEND_COMPILES: collections.Counter = collections.Counter()
+
+
+def _on_duration(event: str, duration: float, **kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _BACKEND_COMPILES[kwargs.get("fun_name", "")] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+@pytest.fixture
+def compiles():
+    """``compiles(name)``: XLA compilations of the jitted function ``name`` so far in this process."""
+    return lambda name: _BACKEND_COMPILES[name]
 
 
 @pytest.fixture(scope="session")

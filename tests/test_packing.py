@@ -78,17 +78,19 @@ def test_packing_respects_the_batch_cap(jax_model):
 
 
 @pytest.mark.parametrize("token_budget", [None, 1024])
-def test_warmup_compiles_every_shape_the_job_uses(tiny_ckpt, token_budget):
-    """After engine.warmup(batch_shapes(texts)), encoding those texts compiles no new program."""
+def test_warmup_compiles_every_shape_the_job_uses(tiny_ckpt, token_budget, compiles):
+    """After engine.warmup(batch_shapes(texts)), encoding those texts compiles no new program, and the
+    warm-up ran nothing (it compiles ahead of time: placeholder batches are neither run nor counted)."""
     model = EmbeddingGemma.from_pretrained(tiny_ckpt)
     texts = _texts(150, seed=4)
     shapes = model.engine.batch_shapes(texts, batch_size=16, token_budget=token_budget)
+    name = "jit(_forward)" if token_budget is None else "jit(_forward_packed)"
+    before = compiles(name)
     assert model.warmup(texts, batch_size=16, token_budget=token_budget) == len(shapes) >= 2
-    program = model.engine.forward if token_budget is None else model.engine.forward_packed
-    compiled = program._cache_size()
-    assert compiled == len(shapes)
+    assert compiles(name) - before == len(shapes)
+    assert model.engine.stats["batches"] == 0
     model.encode(texts, batch_size=16, token_budget=token_budget)
-    assert program._cache_size() == compiled
+    assert compiles(name) - before == len(shapes)
     assert model.engine.stats["batches"] > 0  # real batches counted, placeholders not
 
 
@@ -101,16 +103,18 @@ def test_tokenized_windows_prefetch_keeps_order(jax_model):
     assert [i for _, ids in got for i in ids] == jax_model.tokenizer.encode(texts)
 
 
-def test_a_cold_pass_compiles_its_first_shapes_ahead_and_only_once(tiny_ckpt):
-    """encode plans its first batches, compiles their new shapes together (in parallel), and a second call
-    compiles and warms nothing again; the numbers are those of the reference path."""
+def test_a_cold_pass_compiles_its_first_shapes_ahead_and_only_once(tiny_ckpt, compiles):
+    """encode plans its first batches, compiles their new shapes together (in parallel), each once, and a
+    second call compiles and warms nothing again; the numbers are those of the reference path."""
     model = EmbeddingGemma.from_pretrained(tiny_ckpt)
     texts = _texts(200, seed=7)
+    before = compiles("jit(_forward)")
     first = model.encode(texts, batch_size=16)
-    compiled = model.engine.forward._cache_size()
-    assert compiled >= 2 and {p for p, _ in model.engine.compiled} == {"forward"}
+    compiled = compiles("jit(_forward)") - before
+    shapes = {shape for p, shape in model.engine.compiled}
+    assert compiled == len(shapes) >= 2 and {p for p, _ in model.engine.compiled} == {"forward"}
     calls = []
     original = model.engine.warmup
     model.engine.warmup = lambda *a, **k: calls.append(a) or original(*a, **k)
     np.testing.assert_array_equal(model.encode(texts, batch_size=16), first)
-    assert calls == [] and model.engine.forward._cache_size() == compiled
+    assert calls == [] and compiles("jit(_forward)") - before == compiled
