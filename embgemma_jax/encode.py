@@ -68,7 +68,9 @@ class EmbeddingGemma:
         self.attention_impl = check_attention_impl(attention_impl)
         self.config: EmbeddingGemmaConfig = checkpoint.config
         # The production programs scan over the repeating group of layers: stack the layers once, here.
-        self.params = stack_layers(checkpoint.params, self.config)
+        # NumPy leaves go to the default device once (not on every call); a memory-mapped embedding table
+        # (``embedding_on_host``) stays where it is, and the engine gathers its rows on the host.
+        self.params = jax.tree_util.tree_map(_on_device, stack_layers(checkpoint.params, self.config))
         self.prompts: dict[str, str] = dict(checkpoint.prompts)
         self.default_prompt_name = checkpoint.default_prompt_name
         self.source = checkpoint.source
@@ -125,6 +127,7 @@ class EmbeddingGemma:
         compilation_cache_dir: str | Path | None = None,
         truncate_dim: int | None = None,
         similarity_fn_name: str | None = None,
+        embedding_on_host: bool | None = None,
     ) -> EmbeddingGemma:
         """Loads a Hub id (e.g. ``google/embeddinggemma-300m``), a sentence-transformers directory, or a
         directory written by ``embgemma-jax convert``.
@@ -142,6 +145,11 @@ class EmbeddingGemma:
           truncate_dim: the default Matryoshka width of ``encode`` (see :attr:`truncate_dim`).
           similarity_fn_name: "cosine", "dot", "euclidean" or "manhattan" (default: the checkpoint's, else
             cosine).
+          embedding_on_host: keep the 262144 x 768 embedding table as a read-only memory map of the weights
+            file and gather the rows each batch uses on the host, so the resident set holds only the rows
+            touched (as the reference's lazily mapped weights), not the whole 805 MB float32 table. None
+            (default): on the CPU backend without ``quantize`` or ``mesh``, where host memory is device
+            memory; elsewhere the table lives on the device. The numbers are the same either way.
         """
         check_positive_int(truncate_dim, "truncate_dim", optional=True)  # the bound is checked once loaded
         if similarity_fn_name is not None:
@@ -149,13 +157,19 @@ class EmbeddingGemma:
         if compilation_cache_dir is not None:
             enable_compilation_cache(compilation_cache_dir)
         compute = resolve_dtype(dtype)
+        if embedding_on_host is None:
+            embedding_on_host = jax.default_backend() == "cpu" and quantize is None and mesh is None
         ckpt = load_checkpoint(
             name_or_path,
             dtype=compute,
             quantize=quantize,
             mesh=mesh,
             fsdp=fsdp,
-            on_device=True,
+            # With the table on the host, each layer tensor is read into its slot of the stacked arrays in
+            # host memory, which __init__ places on the (CPU) device in place: nothing is held twice.
+            on_device=not embedding_on_host,
+            embedding_on_host=embedding_on_host,
+            stacked=embedding_on_host,
             revision=revision,
             cache_dir=cache_dir,
             token=token,
@@ -468,6 +482,12 @@ class EmbeddingGemma:
         return (
             f"EmbeddingGemma(source={str(self.source)!r}, dtype={self.dtype.name}, params={self.config.num_params():,})"
         )
+
+
+def _on_device(x: Any) -> Any:
+    """A NumPy parameter placed on the default device; a memory map (the host embedding table) and device
+    arrays as they are."""
+    return jax.device_put(x) if isinstance(x, np.ndarray) and not isinstance(x, np.memmap) else x
 
 
 def _trained_dims(full: int) -> tuple[int, ...]:

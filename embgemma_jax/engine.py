@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embgemma_jax import batching, sharding
+from embgemma_jax.checkpoint.safetensors_file import check_rows_finite
 from embgemma_jax.config import EmbeddingGemmaConfig
 from embgemma_jax.model import (
     DenseHead,
@@ -151,17 +152,25 @@ class Engine:
     # ------------------------------------------------------------------------------------------------
     # The programs
 
-    def _forward(self, params, ids, mask, pool_mask, *, return_hidden_states=False) -> EncoderOutput:
-        return self.module.apply({"params": params}, ids, mask, pool_mask, return_hidden_states=return_hidden_states)
+    # ``embedded``: the table's rows for ``ids``, gathered on the host (see :meth:`split_table`), or None.
 
-    def _forward_packed(self, params, ids, segments, positions, *, num_segments: int) -> jax.Array:
+    def _forward(self, params, ids, mask, pool_mask, embedded=None, *, return_hidden_states=False) -> EncoderOutput:
+        return self.module.apply(
+            {"params": params}, ids, mask, pool_mask, return_hidden_states=return_hidden_states, embedded=embedded
+        )
+
+    def _forward_packed(self, params, ids, segments, positions, embedded=None, *, num_segments: int) -> jax.Array:
         """Packed rows -> embeddings [rows * num_segments, E] (see EmbeddingGemmaModule.packed)."""
         packing = Packing(segments, positions)
-        out = self.module.apply({"params": params}, ids, packing, num_segments, method=EmbeddingGemmaModule.packed)
+        out = self.module.apply(
+            {"params": params}, ids, packing, num_segments, embedded, method=EmbeddingGemmaModule.packed
+        )
         return out.embeddings
 
-    def _states(self, enc_params, ids, mask, *, all_layers: bool) -> tuple[jax.Array, ...]:
-        last, hidden = self.encoder.apply({"params": enc_params}, ids, mask, return_hidden_states=all_layers)
+    def _states(self, enc_params, ids, mask, embedded=None, *, all_layers: bool) -> tuple[jax.Array, ...]:
+        last, hidden = self.encoder.apply(
+            {"params": enc_params}, ids, mask, return_hidden_states=all_layers, embedded=embedded
+        )
         return hidden if all_layers else (last,)
 
     def _pool_head(self, params, selected, attention_mask, pool_mask, *, plan: PoolingPlan):
@@ -196,10 +205,12 @@ class Engine:
             out = l2_normalize(out)
         return pooled, dense, out
 
-    def _capture(self, params, ids, mask, pool_mask, *, capture: Capture) -> dict[str, Any]:
+    def _capture(self, params, ids, mask, pool_mask, embedded=None, *, capture: Capture) -> dict[str, Any]:
         module = self.capture_modules[bool(capture.attention_layers)]
         params = unstack_layers(params, self.config)  # slices inside the program: no copy of the weights
-        out, state = module.apply({"params": params}, ids, mask, pool_mask, mutable=["intermediates"])
+        out, state = module.apply(
+            {"params": params}, ids, mask, pool_mask, embedded=embedded, mutable=["intermediates"]
+        )
         inter = state["intermediates"]
         enc = inter["encoder"]
         n = self.config.num_layers
@@ -227,6 +238,29 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------
     # Checking and placing a batch
+
+    def split_table(self, params: Any) -> tuple[Any, np.ndarray | None]:
+        """(parameters for the programs, host table or None). An embedding table held as a NumPy array (the
+        memory map that ``from_pretrained`` keeps on the CPU backend, see ``load_checkpoint``'s
+        ``embedding_on_host``) stays on the host: it is taken out of the parameters and :meth:`gather`
+        reads the rows each batch uses, so the resident set holds only those. A device table (any other
+        array) stays in the parameters and is gathered inside the programs. With a mesh a host table is
+        passed as a parameter (placed on each call)."""
+        table = params["encoder"].get("embedding")
+        if not isinstance(table, np.ndarray) or self.mesh is not None:
+            return params, None
+        encoder = {k: v for k, v in params["encoder"].items() if k != "embedding"}
+        return {**params, "encoder": encoder}, table
+
+    @staticmethod
+    def gather(table: np.ndarray | None, ids: np.ndarray) -> jax.Array | None:
+        """The host table's rows for checked ids [B, T] as a device array [B, T, D] in the table's dtype
+        (None without a host table). Raises CheckpointError on a row holding NaN or inf."""
+        if table is None:
+            return None
+        rows = table[np.asarray(ids)]
+        check_rows_finite(rows, ids, table)
+        return jnp.asarray(rows)
 
     def check_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> None:
         """Raises if any id is outside the embedding table (JAX gathers would clamp it silently)."""
@@ -271,7 +305,9 @@ class Engine:
     def run_capture(self, params: Any, ids: np.ndarray, mask: np.ndarray, pool_mask: np.ndarray, capture: Capture):
         """The capture program on one checked batch (not split over the mesh); NumPy float32 results."""
         self.check_ids(ids, mask)
-        res = self.capture(params, *self.place("capture", ids, mask, pool_mask, split=False), capture=capture)
+        params, table = self.split_table(params)
+        placed = self.place("capture", ids, mask, pool_mask, split=False)
+        res = self.capture(params, *placed, self.gather(table, ids), capture=capture)
         return jax.tree_util.tree_map(lambda x: np.asarray(x.astype(jnp.float32)), res)
 
     def run_forward(
@@ -286,8 +322,12 @@ class Engine:
         """The fused reference program on already-tokenized, padded ids (checked on the host first)."""
         self.check_ids(input_ids, attention_mask)
         n = np.shape(input_ids)[0]
+        params, table = self.split_table(params)
         ids, mask, pm = self.place("forward", input_ids, attention_mask, pool_mask)
-        out = self.forward(params, ids, mask, mask if pm is None else pm, return_hidden_states=return_hidden_states)
+        rows = self.gather(table, input_ids)
+        out = self.forward(
+            params, ids, mask, mask if pm is None else pm, rows, return_hidden_states=return_hidden_states
+        )
         return out if ids.shape[0] == n else jax.tree_util.tree_map(lambda x: x[:n], out)
 
     # ------------------------------------------------------------------------------------------------
@@ -313,17 +353,19 @@ class Engine:
         calls use): nothing runs. Running each shape once instead cost a whole batch of compute per shape on
         the CPU (7 s for 8 x 512 tokens of the full model), 35 s of a 69 s cold pass over 48 documents."""
         shapes = sorted(set(shapes))
+        params, table = self.split_table(params)
 
         def one(shape: tuple[Any, ...]) -> None:
             rows, length = shape[:2]
             ids = np.zeros((rows, length), np.int32)
             ones = np.ones((rows, length), np.int32)
+            embedded = None if table is None else jnp.zeros((rows, length, table.shape[1]), table.dtype)
             if len(shape) == 3:
                 d_ids, d_seg, d_pos = self.place("forward_packed", ids, ones, np.zeros_like(ids), count=False)
-                self.forward_packed.lower(params, d_ids, d_seg, d_pos, num_segments=shape[2]).compile()
+                self.forward_packed.lower(params, d_ids, d_seg, d_pos, embedded, num_segments=shape[2]).compile()
             else:
                 d_ids, d_mask = self.place("forward", ids, ones, count=False)
-                self.forward.lower(params, d_ids, d_mask, d_mask).compile()
+                self.forward.lower(params, d_ids, d_mask, d_mask, embedded).compile()
 
         workers = min(len(shapes), os.cpu_count() or 1, 8)
         if workers <= 1:
@@ -412,8 +454,10 @@ class Engine:
             lengths = prompt_lengths(self.tokenizer, prompts)
         fused = all(p == self.reference_plan for p in plans.values())
         all_layers = any(p.layers != (cfg.num_layers,) for p in plans.values())
-        enc_params = params["encoder"]
         pool_params = {"final_norm": params["encoder"]["final_norm"], "head": params["head"]}
+        warm_params = params
+        params, table = self.split_table(params)
+        enc_params = params["encoder"]
 
         def dispatch(idx: np.ndarray, b: dict[str, np.ndarray]) -> dict[str, jax.Array]:
             ids, mask = b["input_ids"], b["attention_mask"]
@@ -421,10 +465,11 @@ class Engine:
             without = None if lengths is None else exclude_prompt(mask, _padded(lengths[idx], len(ids)))
             if fused:  # the reference plan: mean of the final states, the prompt pooled unless it excludes it
                 d_ids, d_mask, d_without = self.place("forward", ids, mask, without)
-                emb = self.forward(params, d_ids, d_mask, d_mask if d_without is None else d_without).embeddings
+                pm = d_mask if d_without is None else d_without
+                emb = self.forward(params, d_ids, d_mask, pm, self.gather(table, ids)).embeddings
                 return dict.fromkeys(plans, emb), slice(0, len(idx))
             d_ids, d_mask, d_without = self.place("states", ids, mask, without)
-            states = self.states(enc_params, d_ids, d_mask, all_layers=all_layers)
+            states = self.states(enc_params, d_ids, d_mask, self.gather(table, ids), all_layers=all_layers)
             out = {}
             for name, plan in plans.items():
                 selected = tuple(states[i] if all_layers else states[0] for i in plan.layers)
@@ -435,19 +480,20 @@ class Engine:
         def dispatch_packed(idx: np.ndarray, b: batching.PackedBatch) -> tuple[dict[str, jax.Array], np.ndarray]:
             self.check_ids(b.input_ids)
             d_ids, d_seg, d_pos = self.place("forward_packed", b.input_ids, b.segment_ids, b.positions)
-            emb = self.forward_packed(params, d_ids, d_seg, d_pos, num_segments=b.segments)
+            rows = self.gather(table, b.input_ids)
+            emb = self.forward_packed(params, d_ids, d_seg, d_pos, rows, num_segments=b.segments)
             return dict.fromkeys(plans, emb), b.slots
 
         bar = progress_bar(len(texts), "encode", progress)
         out: dict[str, np.ndarray] = {}
         if fused and lengths is None and token_budget is not None:  # throughput mode: several texts per row
             batches = batching.packed_batches(self.tokenizer, texts, batch_size, token_budget)
-            batches = self._compile_ahead(params, batches, "forward_packed")
+            batches = self._compile_ahead(warm_params, batches, "forward_packed")
             run = self.dispatch_ahead(batches, dispatch_packed)
         else:
             batches = batching.padded_batches(self.tokenizer, texts, batch_size, token_budget)
             if fused and lengths is None:
-                batches = self._compile_ahead(params, batches, "forward")
+                batches = self._compile_ahead(warm_params, batches, "forward")
             run = self.dispatch_ahead(batches, dispatch)
         try:
             for idx, result in run:

@@ -314,17 +314,23 @@ class Encoder(nn.Module):
         *,
         return_hidden_states: bool = False,
         packing: Packing | None = None,
+        embedded: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
+        """``embedded``: the embedding table's rows for ``input_ids`` [B, T, D], gathered by the caller (the
+        engine does so on the host from a memory-mapped table); the parameters then hold no table."""
         cfg, dt = self.config, self.dtype
-        table = self.param("embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
-        # mode="fill": an id outside [0, V) gathers NaN instead of silently clamping (see module doc).
-        if self.has_variable("params", "embedding_scale"):  # int8 rows with a float32 scale per row
+        if embedded is not None:
+            x = embedded.astype(dt)  # the table's rows in its stored dtype: the same cast as below
+        elif self.has_variable("params", "embedding_scale"):  # int8 rows with a float32 scale per row
+            table = self.param("embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
             rows = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
             row_scale = jnp.take(
                 self.get_variable("params", "embedding_scale"), input_ids, mode="fill", fill_value=jnp.nan
             )
             x = (rows * row_scale[..., None]).astype(dt)
         else:
+            table = self.param("embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+            # mode="fill": an id outside [0, V) gathers NaN instead of silently clamping (see module doc).
             x = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=jnp.nan).astype(dt)
         x = x * jnp.asarray(cfg.embed_scale, jnp.float32).astype(dt)
         self.sow("intermediates", "embeddings", x)
@@ -376,6 +382,15 @@ def stack_layers(params: dict[str, Any], config: EmbeddingGemmaConfig) -> dict[s
 
     enc["groups"] = {f"layer_{j}": jax.tree_util.tree_map(stack, *layers[j::period]) for j in range(period)}
     return {**params, "encoder": enc}
+
+
+def stacked_slot(path: tuple[str, ...], config: EmbeddingGemmaConfig) -> tuple[tuple[str, ...], int] | None:
+    """Where the per-layer parameter ``encoder/layer_i/...`` lives in the layout of :func:`stack_layers`:
+    (its stacked path, its index along the group axis); None for a parameter outside the layers."""
+    if len(path) > 2 and path[0] == "encoder" and path[1].startswith("layer_") and path[1][6:].isdigit():
+        g, j = divmod(int(path[1][6:]), layer_period(config))
+        return ("encoder", "groups", f"layer_{j}", *path[2:]), g
+    return None
 
 
 def unstack_layers(params: dict[str, Any], config: EmbeddingGemmaConfig) -> dict[str, Any]:
@@ -434,16 +449,21 @@ class EmbeddingGemmaModule(nn.Module):
         pool_mask: jax.Array | None = None,
         *,
         return_hidden_states: bool = False,
+        embedded: jax.Array | None = None,
     ) -> EncoderOutput:
-        states, hidden = self.encoder(input_ids, attention_mask_2d, return_hidden_states=return_hidden_states)
+        states, hidden = self.encoder(
+            input_ids, attention_mask_2d, return_hidden_states=return_hidden_states, embedded=embedded
+        )
         pooled = mean_pool(states, attention_mask_2d if pool_mask is None else pool_mask)
         return self._head(pooled, states, hidden)
 
-    def packed(self, input_ids: jax.Array, packing: Packing, num_segments: int) -> EncoderOutput:
+    def packed(
+        self, input_ids: jax.Array, packing: Packing, num_segments: int, embedded: jax.Array | None = None
+    ) -> EncoderOutput:
         """Packed rows (:class:`Packing`): the reference pipeline per text. Returns embeddings and pooled
         vectors [B * num_segments, .] (row b, text s at b * num_segments + s - 1; unused slots are zeros
         through the head), and the token states [B, T, D]."""
-        states, _ = self.encoder(input_ids, packing.segments > 0, packing=packing)
+        states, _ = self.encoder(input_ids, packing.segments > 0, packing=packing, embedded=embedded)
         pooled = segment_mean_pool(states, packing.segments, num_segments)
         return self._head(pooled.reshape(-1, pooled.shape[-1]), states, None)
 

@@ -9,13 +9,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from embgemma_jax.checkpoint.safetensors_file import SafetensorsFile
-from embgemma_jax.checkpoint.tree import Checkpoint, Put, check_similarity_fn_name, flatten, layer_indices, set_path
+from embgemma_jax.checkpoint.tree import (
+    Checkpoint,
+    ParamPath,
+    Put,
+    check_similarity_fn_name,
+    flatten,
+    layer_indices,
+    set_path,
+)
 from embgemma_jax.config import EmbeddingGemmaConfig
 from embgemma_jax.errors import CheckpointError, read_json
 
@@ -87,9 +96,16 @@ def _read_meta(directory: Path) -> tuple[EmbeddingGemmaConfig, dict[str, str], s
     return cfg, dict(prompts), default, check_similarity_fn_name(meta.get("similarity_fn_name"), path)
 
 
-def load_converted(directory: str | Path, *, put: Put | None = None) -> Checkpoint:
-    """Loads a converted directory; ``put`` as in :func:`load_st_checkpoint`. Every tensor's name, dtype and
-    shape are checked against the config from the header before any is read."""
+def read_converted_config(directory: str | Path) -> EmbeddingGemmaConfig:
+    """The config of a converted directory (no tensor is read)."""
+    return _read_meta(Path(directory))[0]
+
+
+def load_converted(
+    directory: str | Path, *, put: Put | None = None, memory_map: Collection[ParamPath] = ()
+) -> Checkpoint:
+    """Loads a converted directory; ``put`` and ``memory_map`` as in :func:`load_st_checkpoint`. Every
+    tensor's name, dtype and shape are checked against the config from the header before any is read."""
     from embgemma_jax.model import param_shapes
 
     directory = Path(directory)
@@ -110,6 +126,9 @@ def load_converted(directory: str | Path, *, put: Put | None = None) -> Checkpoi
             raise CheckpointError(f"missing tensors in {path}: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         for name in f.tensors:
             ours = tuple(name.split("/"))
+            if ours in memory_map:
+                set_path(params, ours, f.memory_map(name))
+                continue
             arr = f.read(name)
             set_path(params, ours, put(ours, arr) if put is not None else arr)
     return Checkpoint(cfg, params, prompts, default, directory, directory, similarity)

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 
 from embgemma_jax.checkpoint import placement
-from embgemma_jax.checkpoint.converted import CONVERTED_CONFIG, load_converted, save_converted
+from embgemma_jax.checkpoint.converted import CONVERTED_CONFIG, load_converted, read_converted_config, save_converted
 from embgemma_jax.checkpoint.sentence_transformers import backbone_table, load_st_checkpoint, read_st_config
 from embgemma_jax.checkpoint.tree import Checkpoint, Put
 from embgemma_jax.errors import CheckpointError
@@ -28,6 +28,8 @@ HUB_ALLOW_PATTERNS = [
     "*/config.json",
     "*/*.safetensors",
 ]
+# The embedding table's path in the parameter tree (the tensor that ``embedding_on_host`` memory-maps).
+EMBEDDING_PATH = ("encoder", "embedding")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -72,6 +74,8 @@ def load_checkpoint(
     mesh: jax.sharding.Mesh | None = None,
     fsdp: bool = False,
     on_device: bool = False,
+    embedding_on_host: bool = False,
+    stacked: bool = False,
     revision: str | None = None,
     cache_dir: str | Path | None = None,
     token: str | bool | None = None,
@@ -88,6 +92,13 @@ def load_checkpoint(
       fsdp: with a mesh, split each parameter along one axis instead of replicating it.
       on_device: without a mesh, True puts the parameters on the default device; False (default) leaves
         them as NumPy arrays in host memory.
+      embedding_on_host: keep the embedding table as a read-only memory map of the weights file (an
+        ``np.memmap`` in the file's dtype, whatever ``dtype`` says), neither read nor placed: the engine
+        gathers the rows a batch uses on the host (see :class:`embgemma_jax.engine.Engine`). Not with
+        ``quantize`` or a mesh.
+      stacked: return the layers in the scanned layout of :func:`embgemma_jax.model.stack_layers`, each
+        tensor written into its stacked array as it is read (host placement only: not with ``on_device``,
+        ``quantize``, a mesh or ``put``), so the layers are never held twice.
       revision, cache_dir, token: for a Hub id, passed to ``huggingface_hub.snapshot_download``.
       put: transitional, for callers that still place tensors themselves: called with each tensor cast to
         the storage dtype, instead of the placement that quantize/mesh/fsdp/on_device describe.
@@ -96,22 +107,34 @@ def load_checkpoint(
       ValueError: a bad dtype, quantize mode or mesh (before any file is read).
       CheckpointError: a missing, malformed or inconsistent checkpoint, naming the file and the problem.
     """
+    if embedding_on_host and (quantize or mesh is not None):
+        raise ValueError("embedding_on_host=True keeps a float table on the host; it excludes quantize and mesh")
+    if stacked and (on_device or quantize or mesh is not None or put is not None):
+        raise ValueError("stacked=True places on the host; it excludes on_device, quantize, mesh and put")
+    memory_map = {EMBEDDING_PATH} if embedding_on_host else set()
     if put is None:
         put = placement.make_put(dtype=dtype, quantize=quantize, mesh=mesh, fsdp=fsdp, on_device=on_device)
     else:
         store, custom = placement.storage_dtype(dtype), put
         put = lambda path, arr: custom(path, arr.astype(store, copy=False))  # noqa: E731
     directory = resolve(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
-    if (directory / CONVERTED_CONFIG).is_file():
-        ckpt = load_converted(directory, put=put)
+    converted = (directory / CONVERTED_CONFIG).is_file()
+    stacking = None
+    if stacked:
+        config = read_converted_config(directory) if converted else read_st_config(directory)
+        put = stacking = placement.StackingPut(config, put)
+    if converted:
+        ckpt = load_converted(directory, put=put, memory_map=memory_map)
     elif (directory / "modules.json").is_file():
-        ckpt = load_st_checkpoint(directory, put=put)
+        ckpt = load_st_checkpoint(directory, put=put, memory_map=memory_map)
     else:
         raise CheckpointError(
             f"{directory} is neither a sentence-transformers directory (no modules.json) nor a converted "
             f"embgemma_jax checkpoint (no {CONVERTED_CONFIG})"
         )
     ckpt.params = placement.finish(ckpt.params, quantize)
+    if stacking is not None:
+        ckpt.params = stacking.tree(ckpt.params)
     return ckpt
 
 

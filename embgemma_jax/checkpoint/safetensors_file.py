@@ -6,9 +6,10 @@ and checks the header once, with the rules of the safetensors library (offsets c
 tensor's byte size equal to its shape times its dtype's size, the data filling the file exactly), so a
 file that declares a 4 GB tensor is judged from its header and file size alone. The loaders then compare
 names, dtypes and shapes with what the config expects (:meth:`SafetensorsFile.check_tensor`) before
-reading anything, and read each tensor with one ``readinto`` into a fresh aligned array: no memory
-mapping, no second copy of a tensor (the 805 MB embedding table matters), and arrays that
-``jax.device_put`` takes without copying on CPU.
+reading anything, and read each tensor with one ``readinto`` into a fresh aligned array: no second copy
+of a tensor (the 805 MB embedding table matters), and arrays that ``jax.device_put`` takes without copying
+on CPU. :meth:`SafetensorsFile.memory_map` instead maps one tensor read-only (the embedding table on the
+CPU backend, gathered row by row on the host: only the rows a batch uses are ever read).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class SafetensorsFile:
             raise CheckpointError(f"no tensor {name!r} in {self.path}")
         if info.dtype not in _FLOAT_DTYPES:
             self.check_tensor(name, info.shape)  # raises the dtype error
-        arr = _aligned_empty(info.shape, _FLOAT_DTYPES[info.dtype])
+        arr = aligned_empty(info.shape, _FLOAT_DTYPES[info.dtype])
         self._fh.seek(self._data_start + info.start)
         try:
             got = self._fh.readinto(memoryview(arr.reshape(-1)).cast("B"))
@@ -115,6 +116,34 @@ class SafetensorsFile:
             arr = arr.view(ml_dtypes.bfloat16)  # numpy has no bfloat16: the raw 16-bit words, reinterpreted
         _check_finite(arr, name, self.path)
         return arr
+
+    def memory_map(self, name: str) -> np.ndarray:
+        """The float tensor ``name`` as a read-only memory map of the file (bfloat16 as
+        ``ml_dtypes.bfloat16``): nothing is read until it is indexed. Its values are not checked here (that
+        would read it all); :func:`check_rows_finite` checks the rows a caller gathers."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"no tensor {name!r} in {self.path}")
+        if info.dtype not in _FLOAT_DTYPES:
+            self.check_tensor(name, info.shape)  # raises the dtype error
+        arr = np.memmap(
+            self.path, dtype=_FLOAT_DTYPES[info.dtype], mode="r", offset=self._data_start + info.start, shape=info.shape
+        )
+        if info.dtype == "BF16":
+            import ml_dtypes
+
+            arr = arr.view(ml_dtypes.bfloat16)
+        return arr
+
+
+def check_rows_finite(rows: np.ndarray, ids: np.ndarray, table: np.ndarray) -> None:
+    """Raises CheckpointError if any gathered row of a memory-mapped table holds NaN or inf, naming the
+    token id and the file (a loaded tensor is checked whole at load; a mapped one, row by row as used)."""
+    finite = np.isfinite(rows.astype(np.float32, copy=False)).all(axis=-1)
+    if not finite.all():
+        tok = int(np.asarray(ids)[~finite].flat[0])
+        where = getattr(table, "filename", None) or "the memory-mapped table"
+        raise CheckpointError(f"the embedding table's row for token id {tok} in {where} contains NaN or inf")
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -187,7 +216,7 @@ def _tensor_info(name: str, entry: Any) -> TensorInfo:
     return TensorInfo(dtype, tuple(shape), start, end)
 
 
-def _aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
+def aligned_empty(shape: tuple[int, ...], dtype: Any, align: int = 64) -> np.ndarray:
     """np.empty on a 64-byte boundary: XLA's CPU client then uses the buffer in place instead of copying."""
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     raw = np.empty(nbytes + align, dtype=np.uint8)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -334,11 +334,15 @@ def _read_prompts(directory: Path) -> tuple[dict[str, str], str | None, str | No
     return dict(prompts), default, check_similarity_fn_name(conf.get("similarity_fn_name"), path)
 
 
-def load_st_checkpoint(directory: str | Path, *, put: Put | None = None) -> Checkpoint:
+def load_st_checkpoint(
+    directory: str | Path, *, put: Put | None = None, memory_map: Collection[ParamPath] = ()
+) -> Checkpoint:
     """Converts a sentence-transformers EmbeddingGemma directory on the fly, tensor by tensor.
 
     ``put(path, array)`` receives each tensor in our layout and returns what the tree stores (see
-    ``placement.py``); without it the tree holds the NumPy arrays as read.
+    ``placement.py``); without it the tree holds the NumPy arrays as read. Paths in ``memory_map`` (only
+    tensors stored as they are used, e.g. the embedding table) are stored as read-only memory maps of the
+    file instead (see :meth:`SafetensorsFile.memory_map`), not read and not put.
     """
     directory = Path(directory)
     with contextlib.ExitStack() as stack:
@@ -348,6 +352,11 @@ def load_st_checkpoint(directory: str | Path, *, put: Put | None = None) -> Chec
         params: dict[str, Any] = {}
         for key, (f, name) in opened.backbone.items():  # file order: each file is read front to back
             ours, transform, _ = table[key]
+            if ours in memory_map:
+                if transform is not _identity:
+                    raise ValueError(f"{'/'.join(ours)} is transformed on load; it cannot be memory-mapped")
+                set_path(params, ours, f.memory_map(name))
+                continue
             arr = transform(f.read(name))
             set_path(params, ours, put(ours, arr) if put is not None else arr)
         for i, f in enumerate(opened.dense):
