@@ -260,7 +260,7 @@ class Engine:
             return None
         rows = table[np.asarray(ids)]
         check_rows_finite(rows, ids, table)
-        return jnp.asarray(rows)
+        return jax.device_put(rows)  # (jnp.asarray would compile a copy program per new shape)
 
     def check_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> None:
         """Raises if any id is outside the embedding table (JAX gathers would clamp it silently)."""
