@@ -15,6 +15,11 @@ device count) and dispatched; results are read back one batch behind, so the hos
 the device computes. The shapes of the first batches compile in parallel before the first dispatch. The
 reference plan runs the fused ``forward`` (or ``forward_packed``) program; any other plan runs ``states``
 once per batch and ``pool_head`` per plan.
+
+On the CPU backend the embedding table stays on the host, memory-mapped (:meth:`Engine.split_table`): each
+batch's rows are gathered there (:meth:`Engine.gather`) and passed to the programs in place of the table.
+:meth:`Engine.precompile` compiles shapes from abstract parameters in a background thread (the warm start
+of ``from_pretrained``, while the weights load).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embgemma_jax import batching, sharding
+from embgemma_jax.checkpoint.placement import storage_dtype
 from embgemma_jax.checkpoint.safetensors_file import check_rows_finite
 from embgemma_jax.config import EmbeddingGemmaConfig
 from embgemma_jax.model import (
@@ -42,6 +48,8 @@ from embgemma_jax.model import (
     EncoderOutput,
     Packing,
     RMSNorm,
+    init_params,
+    stack_layers,
     unstack_layers,
 )
 from embgemma_jax.pooling import PoolingPlan, PoolingSpec, l2_normalize, normalize_rows, pool
@@ -108,6 +116,18 @@ def finish(x: np.ndarray, dim: int | None, normalize: bool) -> np.ndarray:
 COMPILE_AHEAD = 32
 
 
+def abstract_params(config: EmbeddingGemmaConfig, dtype: Any, *, host_table: bool) -> dict[str, Any]:
+    """The parameter tree a float model passes to its programs, as ``jax.ShapeDtypeStruct`` leaves: the
+    stacked layers (``model.stack_layers``) in the storage dtype, without the embedding table when it stays
+    on the host. For :meth:`Engine.precompile` before the weights are read."""
+    store = storage_dtype(dtype)
+    shapes = jax.eval_shape(lambda: stack_layers(init_params(config), config))
+    tree = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, store), shapes)
+    if host_table:
+        tree["encoder"] = {k: v for k, v in tree["encoder"].items() if k != "embedding"}
+    return tree
+
+
 def _padded(values: np.ndarray, rows: int) -> np.ndarray:
     """Per-text values extended with zeros for a batch's padding rows."""
     out = np.zeros(rows, dtype=values.dtype)
@@ -125,7 +145,11 @@ class Engine:
       tokenizer: the model's tokenizer (batching and error messages).
     """
 
-    def __init__(self, config: EmbeddingGemmaConfig, dtype: jnp.dtype, attention_impl: str, tokenizer: Tokenizer):
+    def __init__(
+        self, config: EmbeddingGemmaConfig, dtype: jnp.dtype, attention_impl: str, tokenizer: Tokenizer | None
+    ):
+        # (tokenizer None: set it before encoding; from_pretrained builds the engine before the checkpoint's
+        # tokenizer is read, to start compiling while the weights load, see precompile)
         self.config, self.dtype, self.attention_impl, self.tokenizer = config, dtype, attention_impl, tokenizer
         # Parameters are stacked per repeating group of layers (model.stack_layers): the production programs
         # scan over the groups, so a new shape compiles one group, not every layer.
@@ -145,6 +169,7 @@ class Engine:
         self.pool_head = jax.jit(self._pool_head, static_argnames=("plan",))
         self.capture = jax.jit(self._capture, static_argnames=("capture",))
         self._lock = threading.Lock()
+        self._pending: dict[tuple[str, tuple[int, ...]], concurrent.futures.Future] = {}  # see precompile
         self.compiled: set[tuple[str, tuple[int, int]]] = set()  # (program, (rows, tokens)) seen so far
         # Tokens the device computed (rows x padded length) against the real ones, over every batch so far.
         self.stats = {"real_tokens": 0, "device_tokens": 0, "batches": 0}
@@ -252,15 +277,52 @@ class Engine:
         encoder = {k: v for k, v in params["encoder"].items() if k != "embedding"}
         return {**params, "encoder": encoder}, table
 
-    @staticmethod
-    def gather(table: np.ndarray | None, ids: np.ndarray) -> jax.Array | None:
-        """The host table's rows for checked ids [B, T] as a device array [B, T, D] in the table's dtype
-        (None without a host table). Raises CheckpointError on a row holding NaN or inf."""
+    def gather(self, table: np.ndarray | None, ids: np.ndarray) -> jax.Array | None:
+        """The host table's rows for checked ids [B, T] as a device array [B, T, D] in the parameters'
+        storage dtype (float32, or bfloat16 rounded as the device table is: the same bits), or None
+        without a host table. Raises CheckpointError on a row holding NaN or inf."""
         if table is None:
             return None
         rows = table[np.asarray(ids)]
         check_rows_finite(rows, ids, table)
+        rows = rows.astype(storage_dtype(self.dtype), copy=False)
         return jax.device_put(rows)  # (jnp.asarray would compile a copy program per new shape)
+
+    def precompile(self, params: Any, shapes: Iterable[tuple[int, int]]) -> None:
+        """Starts compiling the reference program for these (rows, length) shapes in a background thread,
+        from abstract parameters (``jax.ShapeDtypeStruct`` leaves of the tree the calls will pass: see
+        :func:`abstract_params`), so it can run while the weights load. A call of one of these shapes
+        waits for its compilation instead of starting another (see :meth:`place`); a compilation that
+        fails only means that call compiles for itself."""
+        params, table = self.split_table(params)
+        todo = []
+        with self._lock:
+            for shape in shapes:
+                key = ("forward", tuple(shape))
+                if key not in self._pending:
+                    self._pending[key] = concurrent.futures.Future()
+                    todo.append((key, self._pending[key]))
+
+        def run() -> None:
+            for (_, (rows, length)), future in todo:
+                try:
+                    ids = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+                    rows_in = None
+                    if table is not None:
+                        rows_in = jax.ShapeDtypeStruct((rows, length, table.shape[1]), storage_dtype(self.dtype))
+                    self.forward.lower(params, ids, ids, ids, rows_in).compile()
+                    future.set_result(None)
+                except Exception as e:  # noqa: BLE001 - reported to the waiting call, which compiles instead
+                    future.set_exception(e)
+
+        if todo:
+            threading.Thread(target=run, name="embgemma-precompile", daemon=True).start()
+
+    def _await_precompile(self, program: str, shape: tuple[int, ...]) -> None:
+        with self._lock:
+            future = self._pending.pop((program, shape), None)
+        if future is not None:
+            future.exception()  # waits; an error means the call compiles for itself
 
     def check_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> None:
         """Raises if any id is outside the embedding table (JAX gathers would clamp it silently)."""
@@ -294,6 +356,8 @@ class Engine:
             out = sharding.shard_batch(self.mesh, *arrays)
         else:
             out = [None if a is None else jnp.asarray(a, jnp.int32) for a in arrays]
+        if self._pending:
+            self._await_precompile(program, tuple(out[0].shape))
         with self._lock:
             self.compiled.add((program, tuple(out[0].shape)))
             if count and arrays[1] is not None:
@@ -359,7 +423,7 @@ class Engine:
             rows, length = shape[:2]
             ids = np.zeros((rows, length), np.int32)
             ones = np.ones((rows, length), np.int32)
-            embedded = None if table is None else jnp.zeros((rows, length, table.shape[1]), table.dtype)
+            embedded = None if table is None else self.gather(table, ids)
             if len(shape) == 3:
                 d_ids, d_seg, d_pos = self.place("forward_packed", ids, ones, np.zeros_like(ids), count=False)
                 self.forward_packed.lower(params, d_ids, d_seg, d_pos, embedded, num_segments=shape[2]).compile()

@@ -146,9 +146,9 @@ class Batcher:
         return shapes
 
     def warmup(self) -> int:
-        """Compiles every batch shape of :meth:`warmup_shapes` before serving (the engine runs the reference
-        program once per shape on placeholder ids), so no request waits for a compilation. Returns the
-        number of shapes. Call before :meth:`start`."""
+        """Compiles every batch shape of :meth:`warmup_shapes` before serving (ahead of time, see
+        ``Engine.warmup``), so no request waits for a compilation. Returns the number of shapes. Call before
+        :meth:`start`."""
         shapes = self.warmup_shapes()
         started = time.perf_counter()
         n = self.model.engine.warmup(self.model.params, shapes)
