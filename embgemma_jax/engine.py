@@ -116,11 +116,26 @@ def finish(x: np.ndarray, dim: int | None, normalize: bool) -> np.ndarray:
 COMPILE_AHEAD = 32
 
 
+def _bits_view(x: Any) -> Any:
+    """A bfloat16 array on the CPU backend as a uint16 array over the same memory (no copy); anything else,
+    and an array whose memory cannot be shared, as it is."""
+    if getattr(x, "dtype", None) != jnp.bfloat16 or not isinstance(x, jax.Array):
+        return x
+    if x.devices() != {jax.devices("cpu")[0]} or not x.is_fully_addressable:
+        return x
+    host = np.asarray(x)  # the CPU buffer itself, read-only
+    view = jax.device_put(host.view(np.uint16))
+    return view if view.unsafe_buffer_pointer() == x.unsafe_buffer_pointer() else x
+
+
 def abstract_params(config: EmbeddingGemmaConfig, dtype: Any, *, host_table: bool) -> dict[str, Any]:
     """The parameter tree a float model passes to its programs, as ``jax.ShapeDtypeStruct`` leaves: the
-    stacked layers (``model.stack_layers``) in the storage dtype, without the embedding table when it stays
-    on the host. For :meth:`Engine.precompile` before the weights are read."""
+    stacked layers (``model.stack_layers``) in the storage dtype (bfloat16 as uint16 bits on the CPU
+    backend), without the embedding table when it stays on the host. For :meth:`Engine.precompile` before
+    the weights are read."""
     store = storage_dtype(dtype)
+    if store == jnp.bfloat16 and jax.default_backend() == "cpu":
+        store = np.dtype(np.uint16)  # passed as bit patterns there, see Engine.split_table
     shapes = jax.eval_shape(lambda: stack_layers(init_params(config), config))
     tree = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, store), shapes)
     if host_table:
@@ -170,6 +185,7 @@ class Engine:
         self.capture = jax.jit(self._capture, static_argnames=("capture",))
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, tuple[int, ...]], concurrent.futures.Future] = {}  # see precompile
+        self._program_params: tuple[Any, tuple[Any, np.ndarray | None]] | None = None  # see split_table
         self.compiled: set[tuple[str, tuple[int, int]]] = set()  # (program, (rows, tokens)) seen so far
         # Tokens the device computed (rows x padded length) against the real ones, over every batch so far.
         self.stats = {"real_tokens": 0, "device_tokens": 0, "batches": 0}
@@ -270,12 +286,23 @@ class Engine:
         ``embedding_on_host``) stays on the host: it is taken out of the parameters and :meth:`gather`
         reads the rows each batch uses, so the resident set holds only those. A device table (any other
         array) stays in the parameters and is gathered inside the programs. With a mesh a host table is
-        passed as a parameter (placed on each call)."""
+        passed as a parameter (placed on each call).
+
+        bfloat16 parameters on the CPU backend are passed as uint16 views of the same memory (no copy; see
+        :func:`embgemma_jax.model.from_bits`). The result is cached for the last ``params`` object."""
+        cached = self._program_params
+        if cached is not None and cached[0] is params:
+            return cached[1]
         table = params["encoder"].get("embedding")
         if not isinstance(table, np.ndarray) or self.mesh is not None:
-            return params, None
-        encoder = {k: v for k, v in params["encoder"].items() if k != "embedding"}
-        return {**params, "encoder": encoder}, table
+            out = params, None
+        else:
+            encoder = {k: v for k, v in params["encoder"].items() if k != "embedding"}
+            out = {**params, "encoder": encoder}, table
+        if self.dtype == jnp.bfloat16 and self.mesh is None:
+            out = jax.tree_util.tree_map(_bits_view, out[0]), out[1]
+        self._program_params = (params, out)
+        return out
 
     def gather(self, table: np.ndarray | None, ids: np.ndarray) -> jax.Array | None:
         """The host table's rows for checked ids [B, T] as a device array [B, T, D] in the parameters'

@@ -75,7 +75,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],), jnp.float32)
+        scale = from_bits(self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],), jnp.float32))
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
@@ -99,6 +99,17 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos.reshape(shape) + rotated * sin.reshape(shape)
 
 
+def from_bits(x: jax.Array) -> jax.Array:
+    """A bfloat16 parameter passed as its uint16 bit pattern back to bfloat16; any other parameter as it is.
+
+    On the CPU backend the engine passes a bfloat16 model's parameters to its programs as uint16 views of
+    the same memory (:meth:`embgemma_jax.engine.Engine.split_table`): XLA's CPU backend upcasts a bfloat16
+    array that a ``scan`` slices per step, so every call converted all the stacked layer weights to float32
+    and each step's slice back (55% of the op time of an 8 x 24 batch, benchmarks/cpu_profile.md), while
+    integer slices are taken as they are."""
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
 def dot(eq: str, a: jax.Array, b: jax.Array, dtype: jnp.dtype, scale: jax.Array | None = None) -> jax.Array:
     """einsum with float32 accumulation, result in ``dtype``.
 
@@ -120,7 +131,7 @@ def weight(
     int8 weights (see ``quant.py``) come with a float32 ``{name}_scale`` parameter of the output dims'
     shape; int8 -> float is exact, and the scale is applied to the float32 matmul result.
     """
-    w = module.param(name, nn.initializers.lecun_normal(), shape, jnp.float32)
+    w = from_bits(module.param(name, nn.initializers.lecun_normal(), shape, jnp.float32))
     scale = module.get_variable("params", name + "_scale") if module.has_variable("params", name + "_scale") else None
     return w.astype(dtype), scale
 
@@ -329,7 +340,9 @@ class Encoder(nn.Module):
             )
             x = (rows * row_scale[..., None]).astype(dt)
         else:
-            table = self.param("embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+            table = from_bits(
+                self.param("embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+            )
             # mode="fill": an id outside [0, V) gathers NaN instead of silently clamping (see module doc).
             x = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=jnp.nan).astype(dt)
         x = x * jnp.asarray(cfg.embed_scale, jnp.float32).astype(dt)

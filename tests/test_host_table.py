@@ -8,6 +8,7 @@ against sentence-transformers; nothing is mocked: real safetensors files, real m
 from __future__ import annotations
 
 import shutil
+import threading
 
 import jax
 import numpy as np
@@ -61,14 +62,16 @@ def test_host_gather_gives_the_device_gathers_numbers(tiny_ckpt, dtype, token_bu
     np.testing.assert_array_equal(host.encode(TEXTS, **kw), device.encode(TEXTS, **kw))
 
 
-def test_host_table_matches_sentence_transformers(jax_model, st_model):
-    assert isinstance(jax_model.params["encoder"]["embedding"], np.memmap)
+def test_host_table_matches_sentence_transformers(tiny_ckpt, st_model):
+    model = EmbeddingGemma.from_pretrained(tiny_ckpt)
+    assert isinstance(model.params["encoder"]["embedding"], np.memmap)
     ref = st_model.encode(TEXTS, convert_to_numpy=True)
-    np.testing.assert_allclose(jax_model.encode(TEXTS), ref, atol=F32_ATOL, rtol=0)
+    np.testing.assert_allclose(model.encode(TEXTS), ref, atol=F32_ATOL, rtol=0)
 
 
-def test_research_paths_gather_on_the_host_too(jax_model, device_model):
+def test_research_paths_gather_on_the_host_too(tiny_ckpt, device_model):
     """Pooling variants (the states program), inspect (the capture program) and forward on padded ids."""
+    jax_model = EmbeddingGemma.from_pretrained(tiny_ckpt)  # its own: the shared one counts its compiles
     assert isinstance(jax_model.params["encoder"]["embedding"], np.memmap)
     for kw in ({"pooling": "cls"}, {"layers": [-1, -2]}):
         np.testing.assert_array_equal(jax_model.encode(TEXTS, **kw), device_model.encode(TEXTS, **kw))
@@ -154,14 +157,18 @@ def test_stacked_load_refuses_device_placement(tiny_ckpt):
         load_checkpoint(tiny_ckpt, embedding_on_host=True, quantize="int8")
 
 
-@pytest.mark.parametrize("embedding_on_host", [True, False])
-def test_warm_start_compiles_the_one_text_programs_while_loading(tiny_ckpt, compiles, embedding_on_host):
+@pytest.mark.parametrize("embedding_on_host, dtype", [(True, "float32"), (False, "float32"), (True, "bfloat16")])
+def test_warm_start_compiles_the_one_text_programs_while_loading(tiny_ckpt, compiles, embedding_on_host, dtype):
     """from_pretrained compiles the programs of one short text (with and without a query prompt) from
     abstract parameters while the weights load; the first encodes of such texts then compile nothing, and
     give the numbers of a model loaded without the warm start."""
+    for thread in threading.enumerate():  # earlier models' warm starts, still compiling, would count here
+        if thread.name == "embgemma-precompile":
+            thread.join()
     before = compiles("jit(_forward)")
-    model = EmbeddingGemma.from_pretrained(tiny_ckpt, embedding_on_host=embedding_on_host)
-    cold = EmbeddingGemma.from_pretrained(tiny_ckpt, embedding_on_host=embedding_on_host, warm_start=False)
+    kw = {"embedding_on_host": embedding_on_host, "dtype": dtype}
+    model = EmbeddingGemma.from_pretrained(tiny_ckpt, **kw)
+    cold = EmbeddingGemma.from_pretrained(tiny_ckpt, warm_start=False, **kw)
     short = "x"
     longer = next(t for n in range(1, 40) if 16 < len(model.tokenize([t := "word " * n])["input_ids"][0]) <= 24)
     got = [model.encode(short), model.encode(longer)]
@@ -169,3 +176,24 @@ def test_warm_start_compiles_the_one_text_programs_while_loading(tiny_ckpt, comp
     assert compiles("jit(_forward)") - before == 2  # the warm start's two, nothing more
     np.testing.assert_array_equal(got[0], cold.encode(short))
     np.testing.assert_array_equal(got[1], cold.encode(longer))
+
+
+def test_bfloat16_parameters_reach_the_programs_as_bits_of_the_same_memory(tiny_ckpt):
+    """On the CPU backend a bfloat16 model's parameters go to its programs as uint16 views of the same
+    buffers (XLA's CPU backend would otherwise convert the stacked weights to float32 on every call), and
+    the numbers are those of the bfloat16 parameters passed as they are."""
+    model = EmbeddingGemma.from_pretrained(tiny_ckpt, dtype="bfloat16")
+    program_params, _ = model.engine.split_table(model.params)
+    layer = program_params["encoder"]["groups"]["layer_0"]["mlp"]["gate"]
+    original = model.params["encoder"]["groups"]["layer_0"]["mlp"]["gate"]
+    assert layer.dtype == np.uint16 and original.dtype == jax.numpy.bfloat16
+    assert layer.unsafe_buffer_pointer() == original.unsafe_buffer_pointer()
+    assert model.engine.split_table(model.params)[0] is program_params  # cached
+    batch = model.tokenize(TEXTS)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    table = model.params["encoder"]["embedding"]
+    plain = {**model.params, "encoder": {k: v for k, v in model.params["encoder"].items() if k != "embedding"}}
+    rows = model.engine.gather(table, ids)
+    got = model.engine.forward(program_params, ids, mask, mask, rows).embeddings
+    want = model.engine.forward(plain, ids, mask, mask, rows).embeddings
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
