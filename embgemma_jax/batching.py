@@ -130,6 +130,11 @@ def plan_batches(lengths: Sequence[int], batch_size: int, token_budget: int | No
 
     With ``token_budget`` a batch holds as many texts as fit ``rows * padded_length <= token_budget`` (at
     most batch_size), so long texts go in small batches and short ones in large batches.
+
+    Fewer texts than a full batch are left at the end: they go in batches of the largest power of two
+    that they fill (6 texts at batch size 8: 4 + 2), not in one batch padded with empty rows (8 rows for
+    6 texts computed 1.33x the real tokens on 2048-token documents). The row counts are the powers of two
+    that padding to one would use, so the set of compiled shapes does not grow.
     """
     buckets = bucket_lengths(max_len)
     order = np.argsort([-n for n in lengths], kind="stable")
@@ -138,6 +143,9 @@ def plan_batches(lengths: Sequence[int], batch_size: int, token_budget: int | No
         length = bucket_for(lengths[order[i]], buckets)
         budget = MAX_BATCH_TOKENS if token_budget is None else min(token_budget, MAX_BATCH_TOKENS)
         rows = max(1, min(batch_size, budget // length))
+        left = len(order) - i
+        if left < rows:
+            rows = 1 << (left.bit_length() - 1)  # the largest power of two <= left
         sel = order[i : i + rows]
         plan.append(BatchPlan(sel, length, batch_rows(len(sel), rows)))
         i += len(sel)

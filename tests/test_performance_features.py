@@ -104,3 +104,15 @@ def test_batches_are_bounded_whatever_the_caller_asks():
         plan = plan_batches(lengths, 100_000, budget, 2048)
         assert sorted(i for b in plan for i in b.indices) == list(range(len(lengths)))
         assert max(b.rows * b.length for b in plan) <= MAX_BATCH_TOKENS
+
+
+def test_a_partial_last_batch_is_split_into_full_power_of_two_batches():
+    """6 texts at batch size 8 run as 4 + 2 rows, not 8 rows with 2 empty: every text once, no empty row,
+    and the row counts are the batch size or powers of two (the shapes padding would have compiled)."""
+    for n, batch_size in [(6, 8), (7, 8), (13, 8), (1, 8), (8, 8), (21, 12)]:
+        plan = plan_batches([2048] * n, batch_size, None, 2048)
+        assert sorted(i for b in plan for i in b.indices.tolist()) == list(range(n))
+        assert all(b.rows == len(b.indices) for b in plan), [(b.rows, len(b.indices)) for b in plan]
+        assert all(b.rows == batch_size or b.rows & (b.rows - 1) == 0 for b in plan)
+    assert [b.rows for b in plan_batches([2048] * 6, 8, None, 2048)] == [4, 2]
+    assert [b.rows for b in plan_batches([2048] * 21, 12, None, 2048)] == [12, 8, 1]
