@@ -41,7 +41,7 @@ def main() -> None:
 
     from embgemma_jax import EmbeddingGemma
 
-    model = EmbeddingGemma.from_pretrained(args.model, dtype=args.dtype, warm_start=False)
+    model = EmbeddingGemma.from_pretrained(args.model, dtype=args.dtype)
     eng = model.engine
     params, table = eng.split_table(model.params)
     ids = np.full((rows, length), 5, np.int32)

@@ -15,10 +15,10 @@ import jax
 import numpy as np
 
 from embgemma_jax import sharding
-from embgemma_jax.batching import bucket_for, bucket_lengths, check_positive_int, check_truncate_dim
-from embgemma_jax.checkpoint import Checkpoint, load_checkpoint, read_config, resolve, save_converted
+from embgemma_jax.batching import check_positive_int, check_truncate_dim
+from embgemma_jax.checkpoint import Checkpoint, load_checkpoint, save_converted
 from embgemma_jax.config import MATRYOSHKA_DIMS, EmbeddingGemmaConfig
-from embgemma_jax.engine import Engine, abstract_params, finish, progress_bar
+from embgemma_jax.engine import Engine, finish, progress_bar
 from embgemma_jax.model import EncoderOutput, check_attention_impl, resolve_dtype, stack_layers, unstack_layers
 from embgemma_jax.outputs import as_dicts, check_output_value, convert, token_outputs
 from embgemma_jax.pooling import PoolingLike, PoolingPlan, as_pooling_spec, get_pooling
@@ -44,11 +44,6 @@ def enable_compilation_cache(directory: str | Path) -> Path:
     return directory
 
 
-# from_pretrained's warm start compiles one-text programs for texts of up to these many tokens (a short
-# query alone, and with a prompt such as "task: search result | query: ").
-WARM_START_TOKENS = (16, 24)
-
-
 class EmbeddingGemma:
     """EmbeddingGemma in JAX with the sentence-transformers encode API.
 
@@ -68,7 +63,6 @@ class EmbeddingGemma:
         attention_impl: str = "auto",
         truncate_dim: int | None = None,
         similarity_fn_name: str | None = None,
-        _engine: Engine | None = None,
     ) -> None:
         self.dtype = resolve_dtype(dtype)
         self.attention_impl = check_attention_impl(attention_impl)
@@ -89,12 +83,7 @@ class EmbeddingGemma:
             pad_id=self.config.pad_token_id,
         )
         get_pooling(self.config.pooling_mode)  # raises on a mode we do not implement
-        if _engine is None:
-            _engine = Engine(self.config, self.dtype, self.attention_impl, self.tokenizer)
-        elif (_engine.config, _engine.dtype, _engine.attention_impl) != (self.config, self.dtype, self.attention_impl):
-            raise ValueError("the engine was built for another config, dtype or attention_impl")
-        self.engine = _engine
-        self.engine.tokenizer = self.tokenizer
+        self.engine = Engine(self.config, self.dtype, self.attention_impl, self.tokenizer)
         self.fsdp = False
         self.truncate_dim = truncate_dim
         # As sentence-transformers: the argument, else the checkpoint's config_sentence_transformers.json, else cosine.
@@ -139,7 +128,6 @@ class EmbeddingGemma:
         truncate_dim: int | None = None,
         similarity_fn_name: str | None = None,
         embedding_on_host: bool | None = None,
-        warm_start: bool = True,
     ) -> EmbeddingGemma:
         """Loads a Hub id (e.g. ``google/embeddinggemma-300m``), a sentence-transformers directory, or a
         directory written by ``embgemma-jax convert``.
@@ -162,9 +150,6 @@ class EmbeddingGemma:
             touched (as the reference's lazily mapped weights), not the whole 805 MB float32 table. None
             (default): on the CPU backend without ``quantize`` or ``mesh``, where host memory is device
             memory; elsewhere the table lives on the device. The numbers are the same either way.
-          warm_start: compile the programs for one text of up to 16 or 24 tokens (a query, with or without
-            its prompt) in a background thread while the weights load, so a first short ``encode`` does
-            not wait for a compilation. Not with ``quantize`` or ``mesh``.
         """
         check_positive_int(truncate_dim, "truncate_dim", optional=True)  # the bound is checked once loaded
         if similarity_fn_name is not None:
@@ -172,20 +157,10 @@ class EmbeddingGemma:
         if compilation_cache_dir is not None:
             enable_compilation_cache(compilation_cache_dir)
         compute = resolve_dtype(dtype)
-        attention_impl = check_attention_impl(attention_impl)
         if embedding_on_host is None:
             embedding_on_host = jax.default_backend() == "cpu" and quantize is None and mesh is None
-        engine, directory = None, name_or_path
-        if warm_start and quantize is None and mesh is None and not fsdp:
-            directory = resolve(name_or_path, revision=revision, cache_dir=cache_dir, token=token)
-            config = read_config(directory)  # None: load_checkpoint raises its error below
-            if config is not None:
-                engine = Engine(config, compute, attention_impl, None)
-                abstract = abstract_params(config, compute, host_table=embedding_on_host)
-                buckets = bucket_lengths(config.max_seq_length)
-                engine.precompile(abstract, sorted({(1, bucket_for(n, buckets)) for n in WARM_START_TOKENS}))
         ckpt = load_checkpoint(
-            directory,
+            name_or_path,
             dtype=compute,
             quantize=quantize,
             mesh=mesh,
@@ -205,7 +180,6 @@ class EmbeddingGemma:
             attention_impl=attention_impl,
             truncate_dim=truncate_dim,
             similarity_fn_name=similarity_fn_name,
-            _engine=engine,
         )
         if mesh is not None:
             model.params = sharding.shard_params(model.params, mesh, fsdp=fsdp)  # the stacked layers too

@@ -18,8 +18,6 @@ once per batch and ``pool_head`` per plan.
 
 On the CPU backend the embedding table stays on the host, memory-mapped (:meth:`Engine.split_table`): each
 batch's rows are gathered there (:meth:`Engine.gather`) and passed to the programs in place of the table.
-:meth:`Engine.precompile` compiles shapes from abstract parameters in a background thread (the warm start
-of ``from_pretrained``, while the weights load).
 """
 
 from __future__ import annotations
@@ -48,8 +46,6 @@ from embgemma_jax.model import (
     EncoderOutput,
     Packing,
     RMSNorm,
-    init_params,
-    stack_layers,
     unstack_layers,
 )
 from embgemma_jax.pooling import PoolingPlan, PoolingSpec, l2_normalize, normalize_rows, pool
@@ -128,21 +124,6 @@ def _bits_view(x: Any) -> Any:
     return view if view.unsafe_buffer_pointer() == x.unsafe_buffer_pointer() else x
 
 
-def abstract_params(config: EmbeddingGemmaConfig, dtype: Any, *, host_table: bool) -> dict[str, Any]:
-    """The parameter tree a float model passes to its programs, as ``jax.ShapeDtypeStruct`` leaves: the
-    stacked layers (``model.stack_layers``) in the storage dtype (bfloat16 as uint16 bits on the CPU
-    backend), without the embedding table when it stays on the host. For :meth:`Engine.precompile` before
-    the weights are read."""
-    store = storage_dtype(dtype)
-    if store == jnp.bfloat16 and jax.default_backend() == "cpu":
-        store = np.dtype(np.uint16)  # passed as bit patterns there, see Engine.split_table
-    shapes = jax.eval_shape(lambda: stack_layers(init_params(config), config))
-    tree = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, store), shapes)
-    if host_table:
-        tree["encoder"] = {k: v for k, v in tree["encoder"].items() if k != "embedding"}
-    return tree
-
-
 def _padded(values: np.ndarray, rows: int) -> np.ndarray:
     """Per-text values extended with zeros for a batch's padding rows."""
     out = np.zeros(rows, dtype=values.dtype)
@@ -160,11 +141,7 @@ class Engine:
       tokenizer: the model's tokenizer (batching and error messages).
     """
 
-    def __init__(
-        self, config: EmbeddingGemmaConfig, dtype: jnp.dtype, attention_impl: str, tokenizer: Tokenizer | None
-    ):
-        # (tokenizer None: set it before encoding; from_pretrained builds the engine before the checkpoint's
-        # tokenizer is read, to start compiling while the weights load, see precompile)
+    def __init__(self, config: EmbeddingGemmaConfig, dtype: jnp.dtype, attention_impl: str, tokenizer: Tokenizer):
         self.config, self.dtype, self.attention_impl, self.tokenizer = config, dtype, attention_impl, tokenizer
         # Parameters are stacked per repeating group of layers (model.stack_layers): the production programs
         # scan over the groups, so a new shape compiles one group, not every layer.
@@ -184,7 +161,6 @@ class Engine:
         self.pool_head = jax.jit(self._pool_head, static_argnames=("plan",))
         self.capture = jax.jit(self._capture, static_argnames=("capture",))
         self._lock = threading.Lock()
-        self._pending: dict[tuple[str, tuple[int, ...]], concurrent.futures.Future] = {}  # see precompile
         self._program_params: tuple[Any, tuple[Any, np.ndarray | None]] | None = None  # see split_table
         self.compiled: set[tuple[str, tuple[int, int]]] = set()  # (program, (rows, tokens)) seen so far
         # Tokens the device computed (rows x padded length) against the real ones, over every batch so far.
@@ -315,42 +291,6 @@ class Engine:
         rows = rows.astype(storage_dtype(self.dtype), copy=False)
         return jax.device_put(rows)  # (jnp.asarray would compile a copy program per new shape)
 
-    def precompile(self, params: Any, shapes: Iterable[tuple[int, int]]) -> None:
-        """Starts compiling the reference program for these (rows, length) shapes in a background thread,
-        from abstract parameters (``jax.ShapeDtypeStruct`` leaves of the tree the calls will pass: see
-        :func:`abstract_params`), so it can run while the weights load. A call of one of these shapes
-        waits for its compilation instead of starting another (see :meth:`place`); a compilation that
-        fails only means that call compiles for itself."""
-        params, table = self.split_table(params)
-        todo = []
-        with self._lock:
-            for shape in shapes:
-                key = ("forward", tuple(shape))
-                if key not in self._pending:
-                    self._pending[key] = concurrent.futures.Future()
-                    todo.append((key, self._pending[key]))
-
-        def run() -> None:
-            for (_, (rows, length)), future in todo:
-                try:
-                    ids = jax.ShapeDtypeStruct((rows, length), jnp.int32)
-                    rows_in = None
-                    if table is not None:
-                        rows_in = jax.ShapeDtypeStruct((rows, length, table.shape[1]), storage_dtype(self.dtype))
-                    self.forward.lower(params, ids, ids, ids, rows_in).compile()
-                    future.set_result(None)
-                except Exception as e:  # noqa: BLE001 - reported to the waiting call, which compiles instead
-                    future.set_exception(e)
-
-        if todo:
-            threading.Thread(target=run, name="embgemma-precompile", daemon=True).start()
-
-    def _await_precompile(self, program: str, shape: tuple[int, ...]) -> None:
-        with self._lock:
-            future = self._pending.pop((program, shape), None)
-        if future is not None:
-            future.exception()  # waits; an error means the call compiles for itself
-
     def check_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> None:
         """Raises if any id is outside the embedding table (JAX gathers would clamp it silently)."""
         ids = np.asarray(input_ids)
@@ -383,8 +323,6 @@ class Engine:
             out = sharding.shard_batch(self.mesh, *arrays)
         else:
             out = [None if a is None else jnp.asarray(a, jnp.int32) for a in arrays]
-        if self._pending:
-            self._await_precompile(program, tuple(out[0].shape))
         with self._lock:
             self.compiled.add((program, tuple(out[0].shape)))
             if count and arrays[1] is not None:

@@ -8,7 +8,6 @@ against sentence-transformers; nothing is mocked: real safetensors files, real m
 from __future__ import annotations
 
 import shutil
-import threading
 
 import jax
 import numpy as np
@@ -155,27 +154,6 @@ def test_stacked_load_refuses_device_placement(tiny_ckpt):
         load_checkpoint(tiny_ckpt, stacked=True, on_device=True)
     with pytest.raises(ValueError, match="embedding_on_host=True"):
         load_checkpoint(tiny_ckpt, embedding_on_host=True, quantize="int8")
-
-
-@pytest.mark.parametrize("embedding_on_host, dtype", [(True, "float32"), (False, "float32"), (True, "bfloat16")])
-def test_warm_start_compiles_the_one_text_programs_while_loading(tiny_ckpt, compiles, embedding_on_host, dtype):
-    """from_pretrained compiles the programs of one short text (with and without a query prompt) from
-    abstract parameters while the weights load; the first encodes of such texts then compile nothing, and
-    give the numbers of a model loaded without the warm start."""
-    for thread in threading.enumerate():  # earlier models' warm starts, still compiling, would count here
-        if thread.name == "embgemma-precompile":
-            thread.join()
-    before = compiles("jit(_forward)")
-    kw = {"embedding_on_host": embedding_on_host, "dtype": dtype}
-    model = EmbeddingGemma.from_pretrained(tiny_ckpt, **kw)
-    cold = EmbeddingGemma.from_pretrained(tiny_ckpt, warm_start=False, **kw)
-    short = "x"
-    longer = next(t for n in range(1, 40) if 16 < len(model.tokenize([t := "word " * n])["input_ids"][0]) <= 24)
-    got = [model.encode(short), model.encode(longer)]
-    assert {shape for _, shape in model.engine.compiled} == {(1, 16), (1, 24)}
-    assert compiles("jit(_forward)") - before == 2  # the warm start's two, nothing more
-    np.testing.assert_array_equal(got[0], cold.encode(short))
-    np.testing.assert_array_equal(got[1], cold.encode(longer))
 
 
 def test_bfloat16_parameters_reach_the_programs_as_bits_of_the_same_memory(tiny_ckpt):

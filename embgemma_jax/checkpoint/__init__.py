@@ -8,7 +8,7 @@
 """
 
 from embgemma_jax.checkpoint.converted import save_converted
-from embgemma_jax.checkpoint.load import convert, load_checkpoint, read_config, resolve
+from embgemma_jax.checkpoint.load import convert, load_checkpoint, resolve
 from embgemma_jax.checkpoint.sentence_transformers import backbone_table, read_st_config
 from embgemma_jax.checkpoint.tree import Checkpoint
 
@@ -17,7 +17,6 @@ __all__ = [
     "backbone_table",
     "convert",
     "load_checkpoint",
-    "read_config",
     "read_st_config",
     "resolve",
     "save_converted",

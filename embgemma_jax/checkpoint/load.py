@@ -17,7 +17,6 @@ from embgemma_jax.checkpoint import placement
 from embgemma_jax.checkpoint.converted import CONVERTED_CONFIG, load_converted, read_converted_config, save_converted
 from embgemma_jax.checkpoint.sentence_transformers import backbone_table, load_st_checkpoint, read_st_config
 from embgemma_jax.checkpoint.tree import Checkpoint, Put
-from embgemma_jax.config import EmbeddingGemmaConfig
 from embgemma_jax.errors import CheckpointError
 
 __all__ = [
@@ -25,7 +24,6 @@ __all__ = [
     "backbone_table",
     "convert",
     "load_checkpoint",
-    "read_config",
     "read_st_config",
     "resolve",
     "save_converted",
@@ -74,17 +72,6 @@ def resolve(
             "copy, pass its directory instead."
         ) from e
     return Path(local)
-
-
-def read_config(directory: str | Path) -> EmbeddingGemmaConfig | None:
-    """The config of a local checkpoint directory in either format (no tensor is read), or None when the
-    directory is in neither format (:func:`load_checkpoint` says why)."""
-    directory = Path(directory)
-    if (directory / CONVERTED_CONFIG).is_file():
-        return read_converted_config(directory)
-    if (directory / "modules.json").is_file():
-        return read_st_config(directory)
-    return None
 
 
 def load_checkpoint(
