@@ -12,12 +12,4 @@ from embgemma_jax.checkpoint.load import convert, load_checkpoint, resolve
 from embgemma_jax.checkpoint.sentence_transformers import backbone_table, read_st_config
 from embgemma_jax.checkpoint.tree import Checkpoint
 
-__all__ = [
-    "Checkpoint",
-    "backbone_table",
-    "convert",
-    "load_checkpoint",
-    "read_st_config",
-    "resolve",
-    "save_converted",
-]
+__all__ = ["Checkpoint", "backbone_table", "convert", "load_checkpoint", "read_st_config", "resolve", "save_converted"]

@@ -19,15 +19,7 @@ from embgemma_jax.checkpoint.sentence_transformers import backbone_table, load_s
 from embgemma_jax.checkpoint.tree import Checkpoint, Put
 from embgemma_jax.errors import CheckpointError
 
-__all__ = [
-    "Checkpoint",
-    "backbone_table",
-    "convert",
-    "load_checkpoint",
-    "read_st_config",
-    "resolve",
-    "save_converted",
-]
+__all__ = ["Checkpoint", "backbone_table", "convert", "load_checkpoint", "read_st_config", "resolve", "save_converted"]
 
 HUB_ALLOW_PATTERNS = [
     "*.json",
