@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from embgemma_jax import EmbeddingGemma
 from embgemma_jax.pooling import PoolingSpec
 from embgemma_jax.research.oracle import oracle_forward
 from embgemma_jax.research.variants import Capture
@@ -42,9 +43,10 @@ def _torch_head(st_model, pooled):
     return feats["sentence_embedding"].numpy()
 
 
-def test_layer_variants_match_torch_hidden_states(st_model, jax_model):
+def test_layer_variants_match_torch_hidden_states(st_model, tiny_ckpt):
     """Layer L alone, the mean of the last 3 layers, a weighted final-normed mix and a user function, all
     in one encoder pass, against the same computation done in torch on transformers' hidden states."""
+    jax_model = EmbeddingGemma.from_pretrained(tiny_ckpt)  # its own: this test counts its compiled programs
     feats, hidden = _torch_reference(st_model, TEXTS, PROMPT)
     mask = feats["attention_mask"].unsqueeze(-1).float()
     norm = st_model[0].auto_model.norm
