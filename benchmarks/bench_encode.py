@@ -226,9 +226,8 @@ def run_key(system: str, setting: dict, n_texts: int) -> tuple:
     if system.startswith("st-"):
         return (system, min(setting["st_batch_size"], n_texts))
     rows, budget = setting["jax_batch_size"], setting["token_budget"]
-    if budget is None and rows >= n_texts:  # one padded batch of batch_rows(n) rows, whatever the batch size
-        p2 = 1 << max(0, n_texts - 1).bit_length()
-        rows = ("all", min(p2, rows))
+    if budget is None and rows >= n_texts:  # one batch of every text, or (more rows) power-of-two batches
+        rows = ("all", "one batch" if rows == n_texts else "power-of-two batches")
     return (system, rows, budget)
 
 

@@ -147,7 +147,7 @@ def plan_batches(lengths: Sequence[int], batch_size: int, token_budget: int | No
         if left < rows:
             rows = 1 << (left.bit_length() - 1)  # the largest power of two <= left
         sel = order[i : i + rows]
-        plan.append(BatchPlan(sel, length, batch_rows(len(sel), rows)))
+        plan.append(BatchPlan(sel, length, len(sel)))  # a full batch, or a power of two: no empty rows
         i += len(sel)
     return plan
 

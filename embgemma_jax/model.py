@@ -397,13 +397,19 @@ def stack_layers(params: dict[str, Any], config: EmbeddingGemmaConfig) -> dict[s
     return {**params, "encoder": enc}
 
 
+def layer_number(key: str) -> int | None:
+    """i for an ``encoder/layer_i`` entry of the per-layer layout; None for any other encoder entry."""
+    return int(key[6:]) if key.startswith("layer_") and key[6:].isdigit() else None
+
+
 def stacked_slot(path: tuple[str, ...], config: EmbeddingGemmaConfig) -> tuple[tuple[str, ...], int] | None:
     """Where the per-layer parameter ``encoder/layer_i/...`` lives in the layout of :func:`stack_layers`:
     (its stacked path, its index along the group axis); None for a parameter outside the layers."""
-    if len(path) > 2 and path[0] == "encoder" and path[1].startswith("layer_") and path[1][6:].isdigit():
-        g, j = divmod(int(path[1][6:]), layer_period(config))
-        return ("encoder", "groups", f"layer_{j}", *path[2:]), g
-    return None
+    i = layer_number(path[1]) if len(path) > 2 and path[0] == "encoder" else None
+    if i is None:
+        return None
+    g, j = divmod(i, layer_period(config))
+    return ("encoder", "groups", f"layer_{j}", *path[2:]), g
 
 
 def unstack_layers(params: dict[str, Any], config: EmbeddingGemmaConfig) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from embgemma_jax.checkpoint.safetensors_file import aligned_empty
 from embgemma_jax.checkpoint.tree import ParamPath, Put, set_path
 from embgemma_jax.config import EmbeddingGemmaConfig
 from embgemma_jax.errors import CheckpointError
-from embgemma_jax.model import layer_period, resolve_dtype, stacked_slot
+from embgemma_jax.model import layer_number, layer_period, resolve_dtype, stacked_slot
 from embgemma_jax.quant import check_quantize, expand_quantized, quantizing_put
 
 
@@ -106,7 +106,7 @@ class StackingPut:
                 if len(got) != self.groups:
                     missing = sorted(set(range(self.groups)) - got)
                     raise CheckpointError(f"{'/'.join(key)}: no tensor for layer group(s) {missing}")
-        encoder = {k: v for k, v in params["encoder"].items() if stacked_slot(("encoder", k, "w"), self.config) is None}
+        encoder = {k: v for k, v in params["encoder"].items() if layer_number(k) is None}
         out = {**params, "encoder": encoder}
         for key, buf in self.stacks.items():
             set_path(out, key, buf)
