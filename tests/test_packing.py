@@ -85,9 +85,23 @@ def test_warmup_compiles_every_shape_the_job_uses(tiny_ckpt, token_budget, compi
     texts = _texts(150, seed=4)
     shapes = model.engine.batch_shapes(texts, batch_size=16, token_budget=token_budget)
     name = "jit(_forward)" if token_budget is None else "jit(_forward_packed)"
+    attr = "forward" if token_budget is None else "forward_packed"
+    program, calls = getattr(model.engine, attr), []
+
+    class Recording:  # the program, with its calls (runs) recorded; lower() (ahead of time) passes through
+        def __call__(self, *a, **k):
+            calls.append(a)
+            return program(*a, **k)
+
+        def lower(self, *a, **k):
+            return program.lower(*a, **k)
+
+    setattr(model.engine, attr, Recording())
     before = compiles(name)
     assert model.warmup(texts, batch_size=16, token_budget=token_budget) == len(shapes) >= 2
     assert compiles(name) - before == len(shapes)
+    assert calls == []  # compiled ahead of time: nothing ran
+    setattr(model.engine, attr, program)
     assert model.engine.stats["batches"] == 0
     model.encode(texts, batch_size=16, token_budget=token_budget)
     assert compiles(name) - before == len(shapes)
