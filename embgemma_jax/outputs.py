@@ -101,7 +101,8 @@ def token_outputs(
         if progress is not None:
             progress.update(k)
 
-    for idx, batch in padded_batches(model.tokenizer, texts, batch_size, token_budget):
+    own = model.engine.batch_invariant
+    for idx, batch in padded_batches(model.tokenizer, texts, batch_size, token_budget, own_bucket=own):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         pool_mask = None
         if lengths is not None:
