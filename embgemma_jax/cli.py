@@ -404,7 +404,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UsageError(f"serve needs the server's dependencies: {e} (pip install 'embgemma-jax[serve]')") from e
     limits = {k: getattr(args, k) for k in SERVE_LIMITS if getattr(args, k) is not None}  # else the server's
-    model = load_model(args, batch_invariant=serve_batch_invariant(args.batch_invariant, args.dtype))
+    model = load_model(args)
     return serve(
         model,
         host=args.host,
@@ -414,24 +414,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         **limits,
     )
-
-
-def serve_batch_invariant(choice: str, dtype: str) -> bool:
-    """``--batch-invariant``: "on" (a usage error where the mode is not available), "off", or "auto": on
-    where available (the CPU backend in float32), so a coalesced request gets exactly the bits ``encode``
-    of its own texts gives."""
-    from embgemma_jax.engine import check_batch_invariant
-    from embgemma_jax.model import resolve_dtype
-
-    if choice == "off":
-        return False
-    try:
-        check_batch_invariant(resolve_dtype(dtype))
-    except ValueError as e:
-        if choice == "on":
-            raise UsageError(f"--batch-invariant on: {e}") from e
-        return False
-    return True
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -448,13 +430,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--warmup",
         action="store_true",
         help="compile every batch shape before listening (with the compilation cache, later starts load them)",
-    )
-    p.add_argument(
-        "--batch-invariant",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="each text's vector independent of the requests it is batched with, bit for bit (auto, the "
-        "default: on where available, the CPU backend in float32; off: a little faster)",
     )
     p.add_argument("--max-batch-tokens", type=positive_int, default=None, help="padded tokens per device batch")
     p.add_argument(

@@ -7,13 +7,9 @@ the thread takes what has queued meanwhile at once, so the device never idles wh
 
 ``encode`` runs on its exact path (padded batches, no ``token_budget``): with a token budget it packs
 several texts per row, which changes the last bits of the vectors, so a request could never match
-``encode`` of its own texts. With a batch-invariant model (``serve --batch-invariant``, on by default where
-available) a text's vector does not depend on the other texts of the call at all, so each request gets
-exactly the bits ``encode`` of its own texts gives; without, coalesced requests may differ from that in the
-last bits (other padded lengths, other matmul kernels).
-
-The batch size keeps each batch within ``max_batch_tokens`` padded tokens: the largest power of two with
-``rows * bucket(longest text of the call) <= max_batch_tokens`` (:func:`batch_size_for`).
+``encode`` of its own texts. The batch size keeps each batch within ``max_batch_tokens`` padded tokens:
+the largest power of two with ``rows * bucket(longest text of the call) <= max_batch_tokens``
+(:func:`batch_size_for`).
 """
 
 from __future__ import annotations
@@ -28,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from embgemma_jax.batching import MAX_BATCH_TOKENS, MIN_INVARIANT_TOKENS, bucket_for, bucket_lengths
+from embgemma_jax.batching import MAX_BATCH_TOKENS, bucket_for, bucket_lengths
 from embgemma_jax.server.metrics import Metrics
 
 log = logging.getLogger("embgemma_jax.server")
@@ -143,11 +139,10 @@ class Batcher:
     def warmup_shapes(self) -> list[tuple[int, int]]:
         """Every (rows, padded length) batch the server's calls can make: per length bucket, the powers of
         two up to :func:`batch_size_for` that bucket."""
-        floor = MIN_INVARIANT_TOKENS if self.model.engine.batch_invariant else 0  # see plan_batches(own_bucket=)
         shapes = []
         for length in bucket_lengths(self.max_len):
             cap = batch_size_for(self.max_batch_tokens, length, self.max_len)
-            shapes += [(2**k, length) for k in range(cap.bit_length()) if 2**k * length >= floor]
+            shapes += [(2**k, length) for k in range(cap.bit_length())]
         return shapes
 
     def warmup(self) -> int:

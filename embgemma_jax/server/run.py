@@ -104,14 +104,13 @@ def serve(
     server = DrainingServer(config, service)
     log.info(
         "serving %r (embedding dim %d) with max_batch_tokens=%d, max_concurrent_requests=%d, "
-        "max_client_batch_size=%d, api key %s, batch-invariant %s",
+        "max_client_batch_size=%d, api key %s",
         service.limits.model_name,
         service.limits.embedding_dim,
         max_batch_tokens,
         max_concurrent_requests,
         max_client_batch_size,
         "required" if api_key else "off",
-        "on" if model.engine.batch_invariant else "off",
     )
     if warmup:
         started = time.perf_counter()
