@@ -43,11 +43,6 @@ PACK_BUCKETS = (256, 384, 512, 768, 1024, 1536, 2048)
 # real model in float32 that is about 6 GB of activations plus 3 GB of global-layer attention scores.
 MAX_BATCH_TOKENS = 131072
 
-# Batch-invariant mode: the fewest tokens (rows x padded length) of a batch. XLA's CPU matmuls with one
-# 256-wide output (the key and value projections) sum in another order below 32 rows: a 1 x 16 batch's
-# keys differed in the last bits from a 2 x 16 batch's, so a lone short text gets an empty second row.
-MIN_INVARIANT_TOKENS = 32
-
 
 def check_positive_int(value: Any, name: str, *, optional: bool = False) -> int | None:
     """``value`` as an int if it is a positive int (None too when ``optional``); raises naming ``name``."""
@@ -130,9 +125,7 @@ class BatchPlan:
     rows: int
 
 
-def plan_batches(
-    lengths: Sequence[int], batch_size: int, token_budget: int | None, max_len: int, *, own_bucket: bool = False
-) -> list[BatchPlan]:
+def plan_batches(lengths: Sequence[int], batch_size: int, token_budget: int | None, max_len: int) -> list[BatchPlan]:
     """Groups texts (longest first) into batches padded to the bucket of their longest text.
 
     With ``token_budget`` a batch holds as many texts as fit ``rows * padded_length <= token_budget`` (at
@@ -142,53 +135,34 @@ def plan_batches(
     that they fill (6 texts at batch size 8: 4 + 2), not in one batch padded with empty rows (8 rows for
     6 texts computed 1.33x the real tokens on 2048-token documents). The row counts are the powers of two
     that padding to one would use, so the set of compiled shapes does not grow.
-
-    ``own_bucket`` (batch-invariant mode, see :class:`~embgemma_jax.engine.Engine`): a batch holds texts
-    of one length bucket only, so every text is padded to its own bucket whatever else is encoded with
-    it, and a batch has at least :data:`MIN_INVARIANT_TOKENS` tokens (empty rows added), since XLA's CPU
-    matmuls of fewer rows sum in another order.
     """
     buckets = bucket_lengths(max_len)
     order = np.argsort([-n for n in lengths], kind="stable")
-    bucket_of = [bucket_for(lengths[j], buckets) for j in order]
     plan, i = [], 0
     while i < len(order):
-        length = bucket_of[i]
+        length = bucket_for(lengths[order[i]], buckets)
         budget = MAX_BATCH_TOKENS if token_budget is None else min(token_budget, MAX_BATCH_TOKENS)
         rows = max(1, min(batch_size, budget // length))
         left = len(order) - i
-        if own_bucket:
-            left = next((j for j in range(i, len(order)) if bucket_of[j] != length), len(order)) - i
         if left < rows:
             rows = 1 << (left.bit_length() - 1)  # the largest power of two <= left
         sel = order[i : i + rows]
-        padded = len(sel)  # a full batch, or a power of two: no empty rows
-        if own_bucket:
-            while padded * length < MIN_INVARIANT_TOKENS:
-                padded *= 2
-        plan.append(BatchPlan(sel, length, padded))
+        plan.append(BatchPlan(sel, length, len(sel)))  # a full batch, or a power of two: no empty rows
         i += len(sel)
     return plan
 
 
 def padded_batches(
-    tokenizer: Any,
-    texts: Sequence[str],
-    batch_size: int,
-    token_budget: int | None = None,
-    *,
-    own_bucket: bool = False,
+    tokenizer: Any, texts: Sequence[str], batch_size: int, token_budget: int | None = None
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """Yields (input indices, padded batch) for texts that already carry their prompts.
 
-    Texts are tokenized a :func:`tokenize_window` at a time and grouped by :func:`plan_batches` (with
-    ``own_bucket``: one length bucket per batch); each batch holds empty padding rows after the
-    ``len(indices)`` real ones.
+    Texts are tokenized a :func:`tokenize_window` at a time and grouped by :func:`plan_batches`; each batch
+    holds empty padding rows after the ``len(indices)`` real ones.
     """
     window = tokenize_window(batch_size, token_budget)
     for start, ids in tokenized_windows(tokenizer, texts, window):
-        lengths = [len(x) for x in ids]
-        for b in plan_batches(lengths, batch_size, token_budget, tokenizer.max_length, own_bucket=own_bucket):
+        for b in plan_batches([len(x) for x in ids], batch_size, token_budget, tokenizer.max_length):
             rows = [ids[i] for i in b.indices]
             yield start + b.indices, tokenizer.pad(rows + [[]] * (b.rows - len(rows)), b.length)
 

@@ -63,7 +63,6 @@ class EmbeddingGemma:
         attention_impl: str = "auto",
         truncate_dim: int | None = None,
         similarity_fn_name: str | None = None,
-        batch_invariant: bool = False,
     ) -> None:
         self.dtype = resolve_dtype(dtype)
         self.attention_impl = check_attention_impl(attention_impl)
@@ -84,9 +83,7 @@ class EmbeddingGemma:
             pad_id=self.config.pad_token_id,
         )
         get_pooling(self.config.pooling_mode)  # raises on a mode we do not implement
-        self.engine = Engine(
-            self.config, self.dtype, self.attention_impl, self.tokenizer, batch_invariant=batch_invariant
-        )
+        self.engine = Engine(self.config, self.dtype, self.attention_impl, self.tokenizer)
         self.fsdp = False
         self.truncate_dim = truncate_dim
         # As sentence-transformers: the argument, else the checkpoint's config_sentence_transformers.json, else cosine.
@@ -131,7 +128,6 @@ class EmbeddingGemma:
         truncate_dim: int | None = None,
         similarity_fn_name: str | None = None,
         embedding_on_host: bool | None = None,
-        batch_invariant: bool = False,
     ) -> EmbeddingGemma:
         """Loads a Hub id (e.g. ``google/embeddinggemma-300m``), a sentence-transformers directory, or a
         directory written by ``embgemma-jax convert``.
@@ -161,8 +157,6 @@ class EmbeddingGemma:
         if compilation_cache_dir is not None:
             enable_compilation_cache(compilation_cache_dir)
         compute = resolve_dtype(dtype)
-        if batch_invariant and mesh is not None:
-            raise ValueError("batch_invariant=True runs on one device; it cannot be combined with a mesh")
         if embedding_on_host is None:
             embedding_on_host = jax.default_backend() == "cpu" and quantize is None and mesh is None
         ckpt = load_checkpoint(
@@ -186,7 +180,6 @@ class EmbeddingGemma:
             attention_impl=attention_impl,
             truncate_dim=truncate_dim,
             similarity_fn_name=similarity_fn_name,
-            batch_invariant=batch_invariant,
         )
         if mesh is not None:
             model.params = sharding.shard_params(model.params, mesh, fsdp=fsdp)  # the stacked layers too
@@ -202,8 +195,6 @@ class EmbeddingGemma:
             devices).
           fsdp: split each parameter along one axis instead of replicating it (less memory per device).
         """
-        if self.engine.batch_invariant:
-            raise ValueError("a batch_invariant model runs on one device; it cannot be sharded over a mesh")
         mesh = sharding.make_mesh() if mesh is None else mesh
         self.params = sharding.shard_params(self.params, mesh, fsdp=fsdp)
         self.engine.mesh, self.fsdp = mesh, fsdp

@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import functools
 import itertools
 import os
 import threading
@@ -132,48 +131,6 @@ def _padded(values: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
-# Batch-invariant mode. By default a text's float32 vector changes in the last bits (up to ~3e-7) with the
-# batch it runs in, for two reasons, both measured on the 2-core CPU:
-#   * its padded length is the bucket of the longest text of its batch (reductions over more padding sum
-#     in another order): the planner then pads each text to its own bucket (``plan_batches(own_bucket=)``);
-#   * XLA's CPU backend runs matmuls through YNNPACK fusions, which pick their kernel (and the order of each
-#     dot product's sum) by the number of rows: rows 1-4 of one padded length against 8+ (tiny model), a
-#     bare [16, 768] x [768, 768] against [32, 768]. XLA's own (Eigen) matmuls sum in an order set by the
-#     contraction length, for 32 rows or more (hence MIN_INVARIANT_TOKENS) and for the dense head's pooled
-#     rows padded to 8 (``model.HEAD_MIN_ROWS``).
-# The cost of Eigen matmuls, full-size model, float32, same process alternating (/tmp-free command:
-# ``python benchmarks/bench_invariant.py``): see benchmarks/results/bench_invariant.json. bfloat16 keeps
-# YNNPACK (its Eigen matmuls ran at 0.6-0.75x), so the mode is float32 only.
-ROW_INVARIANT_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-@functools.cache
-def _row_invariant_options_work() -> bool:
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=ROW_INVARIANT_OPTIONS).lower(np.float32(0)).compile()
-    except Exception:  # an unknown option name: a jaxlib without YNNPACK fusions, or with other names
-        return False
-    return True
-
-
-def check_batch_invariant(dtype: Any) -> dict[str, str]:
-    """The compiler options of batch-invariant programs; raises ValueError where the mode is not available
-    (not float32, not the CPU backend, or a jaxlib whose options differ)."""
-    if dtype != jnp.float32:
-        raise ValueError(f"batch_invariant=True needs dtype float32, got {jnp.dtype(dtype).name}")
-    if jax.default_backend() != "cpu":
-        raise ValueError(
-            f"batch_invariant=True is available on the CPU backend only (the default backend is "
-            f"{jax.default_backend()!r}, whose matmul libraries choose kernels by shape)"
-        )
-    if not _row_invariant_options_work():
-        raise ValueError(
-            f"batch_invariant=True: this jaxlib ({jax.__version__}) does not take the compiler options "
-            f"{ROW_INVARIANT_OPTIONS} that make its CPU matmuls row-invariant"
-        )
-    return ROW_INVARIANT_OPTIONS
-
-
 class Engine:
     """The jitted programs of one model (their compile caches live as long as the engine).
 
@@ -182,23 +139,10 @@ class Engine:
       dtype: compute dtype (float32 or bfloat16).
       attention_impl: sliding-window attention ("auto", "dense" or "banded").
       tokenizer: the model's tokenizer (batching and error messages).
-      batch_invariant: a text's vector depends on the text alone, not on what it is encoded with (CPU,
-        float32; see :func:`check_batch_invariant`). Bit for bit: a server's coalesced request gets exactly
-        what ``encode`` of its own texts gives.
     """
 
-    def __init__(
-        self,
-        config: EmbeddingGemmaConfig,
-        dtype: jnp.dtype,
-        attention_impl: str,
-        tokenizer: Tokenizer,
-        *,
-        batch_invariant: bool = False,
-    ):
+    def __init__(self, config: EmbeddingGemmaConfig, dtype: jnp.dtype, attention_impl: str, tokenizer: Tokenizer):
         self.config, self.dtype, self.attention_impl, self.tokenizer = config, dtype, attention_impl, tokenizer
-        options = check_batch_invariant(dtype) if batch_invariant else None
-        self.batch_invariant = batch_invariant
         # Parameters are stacked per repeating group of layers (model.stack_layers): the production programs
         # scan over the groups, so a new shape compiles one group, not every layer.
         self.module = EmbeddingGemmaModule(config, dtype, attention_impl, scan_layers=True)
@@ -211,15 +155,11 @@ class Engine:
         }
         self.reference_plan = PoolingSpec("mean", config.include_prompt).plan(config.num_layers, config.normalize)
         self.mesh: jax.sharding.Mesh | None = None  # None: every batch on the default device
-
-        def jit(fn: Callable, static: str) -> Any:
-            return jax.jit(fn, static_argnames=(static,), compiler_options=options)
-
-        self.forward = jit(self._forward, "return_hidden_states")
-        self.forward_packed = jit(self._forward_packed, "num_segments")
-        self.states = jit(self._states, "all_layers")
-        self.pool_head = jit(self._pool_head, "plan")
-        self.capture = jit(self._capture, "capture")
+        self.forward = jax.jit(self._forward, static_argnames=("return_hidden_states",))
+        self.forward_packed = jax.jit(self._forward_packed, static_argnames=("num_segments",))
+        self.states = jax.jit(self._states, static_argnames=("all_layers",))
+        self.pool_head = jax.jit(self._pool_head, static_argnames=("plan",))
+        self.capture = jax.jit(self._capture, static_argnames=("capture",))
         self._lock = threading.Lock()
         self._program_params: tuple[Any, tuple[Any, np.ndarray | None]] | None = None  # see split_table
         self.compiled: set[tuple[str, tuple[int, int]]] = set()  # (program, (rows, tokens)) seen so far
@@ -428,13 +368,10 @@ class Engine:
         """The program shapes encoding these (prompted) texts with the reference plan will run: (rows,
         length) of padded batches, (rows, length, segments) of packed ones. Tokenizes; runs nothing."""
         batching.check_batching(batch_size, token_budget)
-        if token_budget is not None and not self.batch_invariant:
+        if token_budget is not None:
             batches = batching.packed_batches(self.tokenizer, texts, batch_size, token_budget)
             return {(*b.input_ids.shape, b.segments) for _, b in batches}
-        batches = batching.padded_batches(
-            self.tokenizer, texts, batch_size, token_budget, own_bucket=self.batch_invariant
-        )
-        return {b["input_ids"].shape for _, b in batches}
+        return {b["input_ids"].shape for _, b in batching.padded_batches(self.tokenizer, texts, batch_size)}
 
     def warmup(self, params: Any, shapes: Iterable[tuple[Any, ...]]) -> int:
         """Compiles the reference programs for these shapes (from :meth:`batch_shapes`) ahead of time, several
@@ -578,16 +515,12 @@ class Engine:
 
         bar = progress_bar(len(texts), "encode", progress)
         out: dict[str, np.ndarray] = {}
-        # Throughput mode: several texts per row (their last bits then depend on their row-mates, so a
-        # batch-invariant engine keeps padded batches, the budget bounding rows x padded length).
-        if fused and lengths is None and token_budget is not None and not self.batch_invariant:
+        if fused and lengths is None and token_budget is not None:  # throughput mode: several texts per row
             batches = batching.packed_batches(self.tokenizer, texts, batch_size, token_budget)
             batches = self._compile_ahead(warm_params, batches, "forward_packed")
             run = self.dispatch_ahead(batches, dispatch_packed)
         else:
-            batches = batching.padded_batches(
-                self.tokenizer, texts, batch_size, token_budget, own_bucket=self.batch_invariant
-            )
+            batches = batching.padded_batches(self.tokenizer, texts, batch_size, token_budget)
             if fused and lengths is None:
                 batches = self._compile_ahead(warm_params, batches, "forward")
             run = self.dispatch_ahead(batches, dispatch)

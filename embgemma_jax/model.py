@@ -425,9 +425,6 @@ def unstack_layers(params: dict[str, Any], config: EmbeddingGemmaConfig) -> dict
     return {**params, "encoder": enc}
 
 
-HEAD_MIN_ROWS = 8
-
-
 class DenseHead(nn.Module):
     """Pooled [B, D] -> [B, E]: the sentence-transformers Dense modules (no bias, identity activation)."""
 
@@ -436,16 +433,12 @@ class DenseHead(nn.Module):
 
     @nn.compact
     def __call__(self, pooled: jax.Array) -> jax.Array:
-        # XLA's CPU backend multiplies fewer than HEAD_MIN_ROWS rows with another kernel (another summation
-        # order) than larger matrices: padded with zero rows, a text's vector does not depend on how many
-        # texts share its batch (the engine's row-invariant float32 programs rely on it).
-        n = pooled.shape[0]
-        y = pooled if n >= HEAD_MIN_ROWS else jnp.pad(pooled, ((0, HEAD_MIN_ROWS - n), (0, 0)))
+        y = pooled
         for i, width in enumerate(self.features):
             w, scale = weight(self, f"dense_{i}", (y.shape[-1], width), self.dtype)
             y = dot("BD,DE->BE", y, w, self.dtype, scale)
-            self.sow("intermediates", "dense_outputs", y[:n])
-        return y[:n]
+            self.sow("intermediates", "dense_outputs", y)
+        return y
 
 
 class EmbeddingGemmaModule(nn.Module):

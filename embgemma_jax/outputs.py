@@ -101,8 +101,7 @@ def token_outputs(
         if progress is not None:
             progress.update(k)
 
-    own = model.engine.batch_invariant
-    for idx, batch in padded_batches(model.tokenizer, texts, batch_size, token_budget, own_bucket=own):
+    for idx, batch in padded_batches(model.tokenizer, texts, batch_size, token_budget):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         pool_mask = None
         if lengths is not None:
