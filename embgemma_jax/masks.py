@@ -44,6 +44,28 @@ class BandedMask(NamedTuple):
     pad_right: int  # keys/queries padded to nb * C
 
 
+class QueryChunks(NamedTuple):
+    """Full attention computed ``chunk`` queries at a time (a ``lax.map`` over query chunks), so one
+    chunk's [B, K, chunk, G, S] float32 scores are live at once instead of the whole [B, K, T, G, S]: 400 MB
+    per copy at 8 x 2048 tokens, which put our peak resident set above the reference's on long documents
+    on the CPU. Each query's scores, softmax and weighted sum are those of the whole-matrix form."""
+
+    visible: jax.Array  # [B, T, S] bool, as attention_mask / segment_mask
+    chunk: int
+
+
+# Queries per chunk of full attention on the CPU backend (see global_query_chunk).
+GLOBAL_QUERY_CHUNK = 256
+
+
+def global_query_chunk(t: int) -> int | None:
+    """The query chunk of full-attention layers for T tokens: :data:`GLOBAL_QUERY_CHUNK` on the CPU backend
+    (where device memory is the host's, and the reference's attention works in blocks) when T is a larger
+    multiple of it; None (the whole score matrix at once) otherwise and on accelerators."""
+    c = GLOBAL_QUERY_CHUNK
+    return c if jax.default_backend() == "cpu" and t > c and t % c == 0 else None
+
+
 def banded_block(radius: int) -> int:
     """Query block size for the banded layout: the radius (W = 3 * radius), at least 8."""
     return max(8, radius)

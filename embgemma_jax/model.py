@@ -26,7 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from embgemma_jax.config import SLIDING, EmbeddingGemmaConfig
-from embgemma_jax.masks import BandedMask, attention_mask, banded_mask, segment_mask, use_banded
+from embgemma_jax.masks import (
+    BandedMask,
+    QueryChunks,
+    attention_mask,
+    banded_mask,
+    global_query_chunk,
+    segment_mask,
+    use_banded,
+)
 from embgemma_jax.pooling import l2_normalize, mean_pool, segment_mean_pool
 
 SUPPORTED_DTYPES = ("float32", "bfloat16")
@@ -136,7 +144,7 @@ def weight(
     return w.astype(dtype), scale
 
 
-AttentionMask = jax.Array | BandedMask
+AttentionMask = jax.Array | BandedMask | QueryChunks
 
 
 def masked_softmax(scores: jax.Array, visible: jax.Array) -> jax.Array:
@@ -175,16 +183,38 @@ class Attention(nn.Module):
         b, t = q.shape[:2]
         q = q.reshape(b, t, k, g, h)
         scale = jnp.asarray(cfg.query_pre_attn_scalar**-0.5, dt)
+        capturing = self.is_mutable_collection("intermediates")
+        if isinstance(mask, QueryChunks) and capturing:  # captures record whole probability matrices
+            mask = mask.visible
         if isinstance(mask, BandedMask):
             out = self._banded(q, key, v, mask, scale)
+        elif isinstance(mask, QueryChunks):
+            out = self._query_chunks(q, key, v, mask, scale)
         else:
             # Scores in [B, K, T, G, S]: the order dot_general produces from q [B, T, K, G, H] (batch B, K; free
             # T, G and S), so neither q nor the scores are transposed (K = 1 here: moving it is free).
             probs = masked_softmax(dot("BTKGH,BSKH->BKTGS", q, key, dt) * scale, mask[:, None, :, None, :])
-            if self.is_mutable_collection("intermediates"):
+            if capturing:
                 self.sow("intermediates", "attention_probs", probs.transpose(0, 1, 3, 2, 4).reshape(b, n, t, -1))
             out = dot("BKTGS,BSKH->BTKGH", probs, v, dt)
         return dot("BTNH,NHD->BTD", out.reshape(b, t, n, h), w_o, dt, s_o)
+
+    def _query_chunks(
+        self, q: jax.Array, key: jax.Array, v: jax.Array, mask: QueryChunks, scale: jax.Array
+    ) -> jax.Array:
+        """Full attention one chunk of queries at a time (see masks.QueryChunks). Returns [B, T, K, G, H]."""
+        dt = self.dtype
+        b, t, k, g, h = q.shape
+        n = t // mask.chunk
+        q_chunks = q.reshape(b, n, mask.chunk, k, g, h).swapaxes(0, 1)  # [n, B, C, K, G, H]
+        vis_chunks = mask.visible.reshape(b, n, mask.chunk, -1).swapaxes(0, 1)  # [n, B, C, S]
+
+        def one(chunk: tuple[jax.Array, jax.Array]) -> jax.Array:
+            qc, vis = chunk
+            probs = masked_softmax(dot("BTKGH,BSKH->BKTGS", qc, key, dt) * scale, vis[:, None, :, None, :])
+            return dot("BKTGS,BSKH->BTKGH", probs, v, dt)
+
+        return jax.lax.map(one, (q_chunks, vis_chunks)).swapaxes(0, 1).reshape(b, t, k, g, h)
 
     def _banded(self, q: jax.Array, key: jax.Array, v: jax.Array, mask: BandedMask, scale: jax.Array) -> jax.Array:
         """Sliding-window attention on query blocks: cost T * (C + 2r) instead of T^2 (see masks.BandedMask).
@@ -295,6 +325,9 @@ def _masks_and_ropes(
             "full": segment_mask(seg, None),
             "sliding": banded_mask(valid, radius, segments=seg) if banded else segment_mask(seg, radius),
         }
+    chunk = global_query_chunk(t)
+    if chunk is not None:
+        masks["full"] = QueryChunks(masks["full"], chunk)
     ropes = {
         "full": rope_tables(positions, cfg.head_dim, cfg.rope_global_base, dt),
         "sliding": rope_tables(positions, cfg.head_dim, cfg.rope_local_base, dt),
