@@ -60,10 +60,16 @@ GLOBAL_QUERY_CHUNK = 256
 
 def global_query_chunk(t: int) -> int | None:
     """The query chunk of full-attention layers for T tokens: :data:`GLOBAL_QUERY_CHUNK` on the CPU backend
-    (where device memory is the host's, and the reference's attention works in blocks) when T is a larger
-    multiple of it; None (the whole score matrix at once) otherwise and on accelerators."""
+    (where device memory is the host's, and the reference's attention works in blocks) from 6 chunks (1536
+    tokens) up, T a multiple of it; None (the whole score matrix at once) otherwise and on accelerators.
+
+    XLA's temporary memory for one full-size float32 batch with chunks against without
+    (``python benchmarks/probe_temp_memory.py``, ``compiled.memory_analysis()``): 8 x 2048 tokens 902
+    against 1153 MiB, 32 x 2048 3292 against 4549, 8 x 1536 694 against 757, with the same bits; shorter
+    rows needed more with chunks (8 x 1024: 488 against 440), hence the floor. Blocking the sliding
+    layers' banded attention the same way raised it (1006 MiB at 8 x 2048), so they run all blocks at once."""
     c = GLOBAL_QUERY_CHUNK
-    return c if jax.default_backend() == "cpu" and t > c and t % c == 0 else None
+    return c if jax.default_backend() == "cpu" and t >= 6 * c and t % c == 0 else None
 
 
 def banded_block(radius: int) -> int:

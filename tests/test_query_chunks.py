@@ -1,8 +1,8 @@
 """Full attention one chunk of queries at a time (``masks.QueryChunks``; on the CPU backend for long rows).
 
 The tiny model's rows (at most 96 tokens) are shorter than the production chunk (256), so these tests
-set the chunk to 16: every full-attention layer of a 32- to 96-token batch then runs as a ``lax.map`` over
-2 to 6 query chunks, padded and packed, and must still match sentence-transformers.
+set the chunk to 16: every full-attention layer of a 96-token batch then runs as a ``lax.map`` over 6
+query chunks, padded and packed, and must still match sentence-transformers.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ def chunk16(monkeypatch):
 
 def test_chunk_rule(chunk16):
     assert jax.default_backend() == "cpu"
-    assert [masks.global_query_chunk(t) for t in (16, 24, 32, 40, 48, 96)] == [None, None, 16, None, 16, 16]
+    assert [masks.global_query_chunk(t) for t in (16, 32, 64, 80, 96, 104, 112)] == [None] * 4 + [16, None, 16]
 
 
 def test_chunked_model_matches_reference(chunk16, tiny_ckpt, st_model, jax_model):
     model = EmbeddingGemma.from_pretrained(tiny_ckpt)  # a fresh engine: its programs trace with chunk 16
     lengths = [len(x) for x in model.tokenizer.encode(TEXTS)]
-    assert max(lengths) > 64, lengths  # batches of 80-96 tokens: 5-6 chunks
+    assert max(lengths) > 80, lengths  # batches of 96 tokens: 6 chunks
     want = st_model.encode(TEXTS, convert_to_numpy=True)
     for kwargs in ({"batch_size": 8}, {"batch_size": 2}, {"token_budget": 192}):
         np.testing.assert_allclose(model.encode(TEXTS, **kwargs), want, atol=F32_ATOL, rtol=0, err_msg=str(kwargs))
@@ -43,8 +43,9 @@ def test_chunked_model_matches_reference(chunk16, tiny_ckpt, st_model, jax_model
 
 
 def test_chunked_attention_equals_whole_matrix(tiny_ckpt):
-    """The layer itself, padded keys and per-query visibility included: chunked and whole-matrix outputs agree to float32 rounding,
-    and a chunking bug (queries paired with another chunk's mask) is far outside that."""
+    """The layer itself, padded keys and per-query visibility included: chunked and whole-matrix outputs
+    agree to float32 rounding, and a chunking bug (queries paired with another chunk's mask) is far
+    outside that."""
     cfg = EmbeddingGemma.from_pretrained(tiny_ckpt).config
     b, t = 3, 64
     rng = np.random.default_rng(0)

@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""XLA's temporary memory for one batch of the reference program, with and without query chunks in the
+full-attention layers (``masks.QueryChunks``), on the full-size random checkpoint, float32, CPU.
+
+    python benchmarks/probe_temp_memory.py
+
+Compiles ``Engine.forward`` ahead of time for a few batch shapes and reads ``compiled.memory_analysis()``
+(temporary buffers, arguments, outputs); nothing runs. ``whole``: every full-attention layer computes its
+[B, K, T, G, S] scores at once; ``chunks``: the library's default (256 queries at a time from 1536
+tokens on the CPU backend). Each variant compiles in its own process. Writes
+benchmarks/results/probe_temp_memory.json.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHAPES = [(8, 512), (8, 1024), (32, 1024), (8, 1280), (8, 1536), (8, 1792), (8, 2048), (32, 2048)]
+
+
+def worker(variant: str) -> None:
+    import numpy as np
+
+    import embgemma_jax.masks as masks
+
+    if variant == "whole":
+        masks.GLOBAL_QUERY_CHUNK = 10**9
+    from embgemma_jax import EmbeddingGemma, testing
+
+    ckpt = HERE / ".cache" / "random-full"
+    if not (ckpt / "model.safetensors").exists():
+        testing.build_full_size_random_checkpoint(ckpt)
+    model = EmbeddingGemma.from_pretrained(ckpt)
+    engine = model.engine
+    params, table = engine.split_table(model.params)
+    out = {}
+    for rows, length in SHAPES:
+        ids = np.zeros((rows, length), np.int32)
+        d_ids, d_mask = engine.place("forward", ids, np.ones_like(ids), count=False)
+        compiled = engine.forward.lower(params, d_ids, d_mask, d_mask, engine.gather(table, ids)).compile()
+        ma = compiled.memory_analysis()
+        out[f"{rows}x{length}"] = {
+            "temp_mib": ma.temp_size_in_bytes / 2**20,
+            "argument_mib": ma.argument_size_in_bytes / 2**20,
+            "output_mib": ma.output_size_in_bytes / 2**20,
+        }
+    print(json.dumps(out))
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        worker(sys.argv[2])
+        return
+    results = {}
+    for variant in ("whole", "chunks"):
+        r = subprocess.run([sys.executable, __file__, "--worker", variant], capture_output=True, text=True, check=True)
+        results[variant] = json.loads(r.stdout.strip().splitlines()[-1])
+    print("| batch | temp MiB, whole | temp MiB, chunks | ratio |")
+    print("|---|---:|---:|---:|")
+    for shape in results["whole"]:
+        a, b = results["whole"][shape]["temp_mib"], results["chunks"][shape]["temp_mib"]
+        print(f"| {shape} | {a:.0f} | {b:.0f} | {b / a:.2f} |")
+    out = HERE / "results" / "probe_temp_memory.json"
+    out.write_text(json.dumps({"command": "python benchmarks/probe_temp_memory.py", **results}, indent=1) + "\n")
+    print(f"JSON: {out}")
+
+
+if __name__ == "__main__":
+    main()
