@@ -163,7 +163,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: AttentionMask, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """x [B, T, D]; mask [B, T, S] bool (True = visible) or a BandedMask (sliding layers, long T)."""
+        """x [B, T, D]; mask [B, T, S] bool (True = visible), a BandedMask (sliding layers, long T) or
+        QueryChunks (full layers, long T, CPU)."""
         cfg, dt = self.config, self.dtype
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         g = n // k
