@@ -192,30 +192,31 @@ class Attention(nn.Module):
         elif isinstance(mask, QueryChunks):
             out = self._query_chunks(q, key, v, mask, scale)
         else:
-            # Scores in [B, K, T, G, S]: the order dot_general produces from q [B, T, K, G, H] (batch B, K; free
-            # T, G and S), so neither q nor the scores are transposed (K = 1 here: moving it is free).
-            probs = masked_softmax(dot("BTKGH,BSKH->BKTGS", q, key, dt) * scale, mask[:, None, :, None, :])
+            probs, out = self._whole(q, key, v, mask, scale)
             if capturing:
                 self.sow("intermediates", "attention_probs", probs.transpose(0, 1, 3, 2, 4).reshape(b, n, t, -1))
-            out = dot("BKTGS,BSKH->BTKGH", probs, v, dt)
         return dot("BTNH,NHD->BTD", out.reshape(b, t, n, h), w_o, dt, s_o)
+
+    def _whole(
+        self, q: jax.Array, key: jax.Array, v: jax.Array, visible: jax.Array, scale: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """Attention of queries q [B, T, K, G, H] over every key, visible [B, T, S]: (probabilities
+        [B, K, T, G, S], output [B, T, K, G, H]). Scores in [B, K, T, G, S], the order dot_general produces
+        from q (batch B, K; free T, G and S), so neither q nor the scores are transposed (K = 1 here: moving
+        it is free)."""
+        probs = masked_softmax(dot("BTKGH,BSKH->BKTGS", q, key, self.dtype) * scale, visible[:, None, :, None, :])
+        return probs, dot("BKTGS,BSKH->BTKGH", probs, v, self.dtype)
 
     def _query_chunks(
         self, q: jax.Array, key: jax.Array, v: jax.Array, mask: QueryChunks, scale: jax.Array
     ) -> jax.Array:
-        """Full attention one chunk of queries at a time (see masks.QueryChunks). Returns [B, T, K, G, H]."""
-        dt = self.dtype
+        """:meth:`_whole` one chunk of queries at a time (see masks.QueryChunks). Returns [B, T, K, G, H]."""
         b, t, k, g, h = q.shape
         n = t // mask.chunk
         q_chunks = q.reshape(b, n, mask.chunk, k, g, h).swapaxes(0, 1)  # [n, B, C, K, G, H]
         vis_chunks = mask.visible.reshape(b, n, mask.chunk, -1).swapaxes(0, 1)  # [n, B, C, S]
-
-        def one(chunk: tuple[jax.Array, jax.Array]) -> jax.Array:
-            qc, vis = chunk
-            probs = masked_softmax(dot("BTKGH,BSKH->BKTGS", qc, key, dt) * scale, vis[:, None, :, None, :])
-            return dot("BKTGS,BSKH->BTKGH", probs, v, dt)
-
-        return jax.lax.map(one, (q_chunks, vis_chunks)).swapaxes(0, 1).reshape(b, t, k, g, h)
+        out = jax.lax.map(lambda c: self._whole(c[0], key, v, c[1], scale)[1], (q_chunks, vis_chunks))
+        return out.swapaxes(0, 1).reshape(b, t, k, g, h)
 
     def _banded(self, q: jax.Array, key: jax.Array, v: jax.Array, mask: BandedMask, scale: jax.Array) -> jax.Array:
         """Sliding-window attention on query blocks: cost T * (C + 2r) instead of T^2 (see masks.BandedMask).
