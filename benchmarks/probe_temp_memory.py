@@ -5,9 +5,10 @@ full-attention layers (``masks.QueryChunks``), on the full-size random checkpoin
     python benchmarks/probe_temp_memory.py
 
 Compiles ``Engine.forward`` ahead of time for a few batch shapes and reads ``compiled.memory_analysis()``
-(temporary buffers, arguments, outputs); nothing runs. ``whole``: every full-attention layer computes its
-[B, K, T, G, S] scores at once; ``chunks``: the library's default (256 queries at a time from 1536
-tokens on the CPU backend). Each variant compiles in its own process. Writes
+(temporary buffers, arguments, outputs). Then each variant embeds the same 4 documents of 2048 tokens
+(stdlib docstrings, batch 4), and the two sets of embeddings are compared bit for bit. ``whole``: every
+full-attention layer computes its [B, K, T, G, S] scores at once; ``chunks``: the library's default (256
+queries at a time from 1536 tokens on the CPU backend). Each variant runs in its own process. Writes
 benchmarks/results/probe_temp_memory.json.
 """
 
@@ -16,9 +17,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+EMBEDDINGS = str(Path(tempfile.gettempdir()) / "probe_temp_memory_{}.npy")
 SHAPES = [(8, 512), (8, 1024), (32, 1024), (8, 1280), (8, 1536), (8, 1792), (8, 2048), (32, 2048)]
 
 
@@ -48,6 +51,10 @@ def worker(variant: str) -> None:
             "argument_mib": ma.argument_size_in_bytes / 2**20,
             "output_mib": ma.output_size_in_bytes / 2**20,
         }
+    words = " ".join(" ".join(d.split()) for d in testing.stdlib_docstrings()).split(" ")
+    docs = [" ".join(words[i * 3000 : (i + 1) * 3000]) for i in range(4)]  # each past the 2048-token window
+    emb = model.encode(docs, batch_size=4)
+    np.save(EMBEDDINGS.format(variant), emb)
     print(json.dumps(out))
 
 
@@ -64,6 +71,12 @@ def main() -> None:
     for shape in results["whole"]:
         a, b = results["whole"][shape]["temp_mib"], results["chunks"][shape]["temp_mib"]
         print(f"| {shape} | {a:.0f} | {b:.0f} | {b / a:.2f} |")
+    import numpy as np
+
+    whole, chunks = (np.load(EMBEDDINGS.format(v)) for v in ("whole", "chunks"))
+    results["embeddings_bit_identical"] = bool(np.array_equal(whole, chunks))
+    results["embeddings_max_abs_diff"] = float(np.abs(whole - chunks).max())
+    print(f"4 x 2048-token documents: embeddings bit-identical: {results['embeddings_bit_identical']}")
     out = HERE / "results" / "probe_temp_memory.json"
     out.write_text(json.dumps({"command": "python benchmarks/probe_temp_memory.py", **results}, indent=1) + "\n")
     print(f"JSON: {out}")

@@ -66,8 +66,9 @@ def global_query_chunk(t: int) -> int | None:
     XLA's temporary memory for one full-size float32 batch with chunks against without
     (``python benchmarks/probe_temp_memory.py``, ``compiled.memory_analysis()``): 8 x 2048 tokens 902
     against 1153 MiB, 32 x 2048 3292 against 4549, 8 x 1536 694 against 757, with the same bits; shorter
-    rows needed more with chunks (8 x 1024: 488 against 440), hence the floor. Blocking the sliding
-    layers' banded attention the same way raised it (1006 MiB at 8 x 2048), so they run all blocks at once."""
+    rows needed more with chunks (8 x 1024: 488 against 440, the same script with the floor at 4 chunks),
+    hence the floor. Blocking the sliding layers' banded attention the same way raised it (1006 MiB at 8 x
+    2048, measured with that variant, not kept), so they run all blocks at once."""
     c = GLOBAL_QUERY_CHUNK
     return c if jax.default_backend() == "cpu" and t >= 6 * c and t % c == 0 else None
 
