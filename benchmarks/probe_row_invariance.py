@@ -15,8 +15,8 @@ rows differ and writes JSON to benchmarks/results/.
 Findings on the 2-core CPU (jax 0.10.2), benchmarks/results/probe_row_invariance_{1,8}dev.json:
   * default (YNNPACK): at these widths rows differ only for M = 8 and 16 (against 8192 rows), with one
     host device and with 8 (the test suite's XLA_FLAGS) alike. On the tiny test model's 48-wide matmuls
-    they also differed between 1024 and 2048 rows (a whole model run: batch 4 against 8 of 256 tokens),
-    so YNNPACK's kernel choice depends on the widths as well;
+    they also differed between 1024 and 2048 rows (an ad-hoc whole-model run, not kept: batch 4 against
+    8 of 256 tokens), so YNNPACK's kernel choice depends on the widths as well;
   * Eigen, one host device: rows agree from 32 rows up for every shape (the 256-wide one differs below);
   * Eigen, 8 host devices: the 256-, 512- and 768-wide products differ up to 80, 40 and 32 rows: Eigen
     splits small products over the contraction dimension depending on its thread pool, so Eigen-based
