@@ -13,10 +13,12 @@ Two workloads of real English text (stdlib docstrings cut with the model's token
 On the same texts, in one run, offline and server passes alternating (so a change in the machine's load
 hits both):
 
-  offline  ``model.encode(all texts, prompt_name=..., batch_size=B)`` in this process, one call: the path
-           the server runs (padded batches; B the largest power of two with B x bucket(longest) within
-           --max-batch-tokens), so vectors can be compared bit for bit. Also reported: encode's throughput
-           mode (``token_budget=--max-batch-tokens``, several texts packed per row; other last bits).
+  offline  ``model.encode(all texts, prompt_name=..., batch_size=B)`` in this process, one call: the
+           default-mode path (padded batches; B the largest power of two with B x bucket(longest) within
+           --max-batch-tokens): the ``ratio``. Also reported: encode's throughput mode
+           (``token_budget=--max-batch-tokens``, several texts packed per row), and with a batch-invariant
+           server (``--batch-invariant``, auto: on, on the CPU) the batch-invariant model's ``encode``, whose
+           vectors each request must get bit for bit (``ratio_to_invariant``).
   server   a real server process (the public ``serve(model, ...)``; ``warmup=True`` unless --no-warmup, so
            every batch shape is compiled before it listens) with --max-batch-tokens. N clients, one
            keep-alive connection each, send pre-encoded ``POST /v1/embeddings`` requests
@@ -27,7 +29,8 @@ hits both):
 After one untimed pass of each, ``--repeats`` alternating timed passes; the best of each counts.
 Reported: texts/s and tokens/s, the server/offline throughput ratio (issue 14's target: >= 0.8 at 64
 clients), p50/p99 latency, requests per device call (from /metrics), the server process's CPU seconds per
-request, and how many requests came back bit-identical to the offline vectors (max |diff| of the rest).
+request, and how many requests came back bit-identical to ``encode`` of the server's own mode (max |diff|
+of the rest).
 Prints a table, writes JSON to benchmarks/results/.
 """
 
@@ -101,7 +104,8 @@ def start_server(model: Path, args: argparse.Namespace, log_path: Path) -> tuple
     port = free_port()
     launch = (
         "import sys; from embgemma_jax import EmbeddingGemma; from embgemma_jax.server import serve; "
-        "a = sys.argv[1:]; m = EmbeddingGemma.from_pretrained(a[0], dtype=a[1], compilation_cache_dir=a[6] or None); "
+        "a = sys.argv[1:]; m = EmbeddingGemma.from_pretrained(a[0], dtype=a[1], compilation_cache_dir=a[6] or None, "
+        "batch_invariant=a[7] == '1'); "
         "sys.exit(serve(m, port=int(a[2]), max_batch_tokens=int(a[3]), max_concurrent_requests=int(a[4]), "
         "model_name='bench', warmup=a[5] == '1'))"
     )
@@ -116,6 +120,7 @@ def start_server(model: Path, args: argparse.Namespace, log_path: Path) -> tuple
         str(max(args.clients_list) * 2),
         "0" if args.no_warmup else "1",
         args.compilation_cache or "",
+        "1" if args.invariant else "0",
     ]
     log = open(log_path, "wb")  # noqa: SIM115 (kept open for the server's lifetime)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -237,6 +242,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-warmup", action="store_true", help="no server warm-up (two untimed passes instead)")
     p.add_argument("--compilation-cache", default=None, help="JAX persistent compilation cache for both sides")
+    p.add_argument(
+        "--batch-invariant",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the server's mode, as `serve --batch-invariant` (auto: on, on the CPU backend)",
+    )
     p.add_argument("--start-timeout", type=float, default=1800.0, help="seconds for the server to come up")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     args = p.parse_args()
@@ -246,7 +257,11 @@ def main() -> None:
     import jax
 
     from embgemma_jax import EmbeddingGemma, testing
+    from embgemma_jax.batching import INVARIANT_BATCH_TOKENS
+    from embgemma_jax.cli import serve_batch_invariant
     from embgemma_jax.server.batcher import batch_size_for
+
+    args.invariant = serve_batch_invariant(args.batch_invariant, INVARIANT_BATCH_TOKENS)
 
     tag = "custom"
     if args.model is None:
@@ -260,6 +275,10 @@ def main() -> None:
                 testing.build_full_size_random_checkpoint(args.model)
 
     model = EmbeddingGemma.from_pretrained(args.model, dtype=args.dtype, compilation_cache_dir=args.compilation_cache)
+    # The server's own model: with batch-invariant mode, its encode gives what each request must get exactly.
+    inv_model = None
+    if args.invariant:
+        inv_model = EmbeddingGemma.from_pretrained(args.model, dtype=args.dtype, batch_invariant=True)
     budget = args.max_batch_tokens
     results: dict = {
         "model": str(args.model),
@@ -267,6 +286,7 @@ def main() -> None:
         "dtype": args.dtype,
         "max_batch_tokens": budget,
         "server_warmup": not args.no_warmup,
+        "batch_invariant": args.invariant,
         "devices": [str(d) for d in jax.devices()],
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg": os.getloadavg()},
         "command": " ".join(["python benchmarks/bench_serve.py", *sys.argv[1:]]),
@@ -297,26 +317,32 @@ def main() -> None:
                 batch_size = batch_size_for(budget, longest, model.config.max_seq_length)
 
                 def offline(
-                    packed: bool, texts=texts, prompt_name=prompt_name, bs=batch_size
+                    packed: bool, texts=texts, prompt_name=prompt_name, bs=batch_size, invariant=False
                 ) -> tuple[float, np.ndarray]:
-                    """The server's exact path (padded batches of its batch size), or encode's throughput
-                    mode (token_budget: several texts packed per row; other last bits)."""
+                    """The server's default-mode path (padded batches of its batch size), encode's throughput
+                    mode (token_budget: several texts packed per row; other last bits), or (``invariant``) the
+                    batch-invariant model's encode, the server's own path in that mode."""
                     kw = {"batch_size": 1024, "token_budget": budget} if packed else {"batch_size": bs}
                     t0 = time.perf_counter()
-                    out = model.encode(texts, prompt_name=prompt_name, **kw)
+                    m = inv_model if invariant else model
+                    out = m.encode(texts, prompt_name=prompt_name, **({} if invariant else kw))
                     return time.perf_counter() - t0, out
 
                 _, vectors = offline(False)  # compiles
                 offline(True)
+                if inv_model is not None:
+                    _, vectors = offline(False, invariant=True)  # what the server must give, bit for bit
                 for _ in range(2 if args.no_warmup else 1):
                     asyncio.run(run_clients(port, wire, max(args.clients_list)))
-                best_offline = best_packed = float("inf")
+                best_offline = best_packed = best_invariant = float("inf")
                 rows = []
                 for clients in args.clients_list:
                     best = None
                     for _ in range(args.repeats):
                         best_offline = min(best_offline, offline(False)[0])
                         best_packed = min(best_packed, offline(True)[0])
+                        if inv_model is not None:
+                            best_invariant = min(best_invariant, offline(False, invariant=True)[0])
                         before, cpu0 = scrape(port), cpu_seconds(proc.pid)
                         run = asyncio.run(run_clients(port, wire, clients))
                         cpu, after = cpu_seconds(proc.pid) - cpu0, scrape(port)
@@ -355,6 +381,9 @@ def main() -> None:
                     row["ratio"] = best_offline / row["server_wall_s"]
                     row["offline_packed_texts_per_s"] = len(texts) / best_packed
                     row["ratio_to_packed"] = best_packed / row["server_wall_s"]
+                    if inv_model is not None:
+                        row["offline_invariant_texts_per_s"] = len(texts) / best_invariant
+                        row["ratio_to_invariant"] = best_invariant / row["server_wall_s"]
                     print(
                         f"{name} x{row['clients']}: server {row['server_texts_per_s']:.1f} texts/s vs offline "
                         f"{row['offline_texts_per_s']:.1f} (ratio {row['ratio']:.2f}), p50 {row['p50_ms']:.1f} ms, "
@@ -377,15 +406,19 @@ def main() -> None:
 
     print()
     print(
-        "| workload | clients | offline texts/s (packed) | server texts/s | ratio (to packed) | p50 ms | p99 ms "
-        "| req/device call | device busy | server CPU ms/req | bit-identical |"
+        "| workload | clients | offline texts/s (packed; invariant) | server texts/s | ratio (to packed; to invariant) "
+        "| p50 ms | p99 ms | req/device call | device busy | server CPU ms/req | bit-identical |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, w in results["workloads"].items():
         for r in w["runs"]:
+            inv = r.get("offline_invariant_texts_per_s")
+            inv_rate = "" if inv is None else f"; {inv:.1f}"
+            inv_ratio = "" if inv is None else f"; {r['ratio_to_invariant']:.2f}"
             print(
-                f"| {name} | {r['clients']} | {r['offline_texts_per_s']:.1f} ({r['offline_packed_texts_per_s']:.1f}) | "
-                f"{r['server_texts_per_s']:.1f} | {r['ratio']:.2f} ({r['ratio_to_packed']:.2f}) | {r['p50_ms']:.1f} | "
+                f"| {name} | {r['clients']} | {r['offline_texts_per_s']:.1f} ({r['offline_packed_texts_per_s']:.1f}"
+                f"{inv_rate}) | {r['server_texts_per_s']:.1f} | {r['ratio']:.2f} ({r['ratio_to_packed']:.2f}"
+                f"{inv_ratio}) | {r['p50_ms']:.1f} | "
                 f"{r['p99_ms']:.1f} | {r['requests_per_device_call']:.1f} | "
                 f"{r['device_thread_busy_fraction']:.0%} | {r['server_cpu_ms_per_request']:.2f} | "
                 f"{r['bit_identical_requests']}/{r['requests']} (max diff {r['max_abs_diff']:.1e}) |"

@@ -43,6 +43,9 @@ PACK_BUCKETS = (256, 384, 512, 768, 1024, 1536, 2048)
 # real model in float32 that is about 6 GB of activations plus 3 GB of global-layer attention scores.
 MAX_BATCH_TOKENS = 131072
 
+# Batch-invariant mode (see :func:`plan_invariant_batches`): the padded tokens of each batch, by default.
+INVARIANT_BATCH_TOKENS = 256
+
 
 def check_positive_int(value: Any, name: str, *, optional: bool = False) -> int | None:
     """``value`` as an int if it is a positive int (None too when ``optional``); raises naming ``name``."""
@@ -152,17 +155,58 @@ def plan_batches(lengths: Sequence[int], batch_size: int, token_budget: int | No
     return plan
 
 
+def invariant_rows(length: int, batch_tokens: int) -> int:
+    """The rows of every batch-invariant batch of padded ``length``: as many as fit ``batch_tokens``, at
+    least one."""
+    return max(1, batch_tokens // length)
+
+
+def plan_invariant_batches(lengths: Sequence[int], batch_tokens: int, max_len: int) -> list[BatchPlan]:
+    """The batch-invariant plan: a text's vector depends on the text alone, bit for bit, not on what it
+    is encoded with (the order, the batch size, the other texts, other requests of a server).
+
+    Each text is padded to its own length bucket, and every batch of a bucket has the same shape,
+    :func:`invariant_rows` x length, empty rows filling the last one. A text then always runs in one
+    program of one shape, and a row's result does not depend on its position or on the other rows: XLA's
+    CPU kernels sum each row in an order set by the shape alone (measured at the model's real widths with
+    1 and 8 host devices, float32 and bfloat16; ``tests/test_batch_invariant.py`` checks it on every run).
+    What the default plan's shapes cannot give: rows pick other kernels (another summation order) as the
+    row count changes, and a text padded to a longer batch-mate's bucket sums its attention over more
+    (masked) keys. The price is padding: a bucket's last batch is filled with empty rows.
+    """
+    buckets = bucket_lengths(max_len)
+    order = np.argsort([-n for n in lengths], kind="stable")
+    bucket_of = np.array([bucket_for(lengths[j], buckets) for j in order], dtype=np.int64)
+    plan = []
+    for length in sorted(set(bucket_of.tolist()), reverse=True):
+        same = order[bucket_of == length]
+        rows = invariant_rows(length, batch_tokens)
+        plan += [BatchPlan(same[i : i + rows], length, rows) for i in range(0, len(same), rows)]
+    return plan
+
+
 def padded_batches(
-    tokenizer: Any, texts: Sequence[str], batch_size: int, token_budget: int | None = None
+    tokenizer: Any,
+    texts: Sequence[str],
+    batch_size: int,
+    token_budget: int | None = None,
+    *,
+    invariant_tokens: int | None = None,
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """Yields (input indices, padded batch) for texts that already carry their prompts.
 
-    Texts are tokenized a :func:`tokenize_window` at a time and grouped by :func:`plan_batches`; each batch
-    holds empty padding rows after the ``len(indices)`` real ones.
+    Texts are tokenized a :func:`tokenize_window` at a time and grouped by :func:`plan_batches` (with
+    ``invariant_tokens``: by :func:`plan_invariant_batches`, which ignores ``batch_size`` and
+    ``token_budget``); each batch holds empty padding rows after the ``len(indices)`` real ones.
     """
-    window = tokenize_window(batch_size, token_budget)
+    window = tokenize_window(batch_size, token_budget if invariant_tokens is None else invariant_tokens)
     for start, ids in tokenized_windows(tokenizer, texts, window):
-        for b in plan_batches([len(x) for x in ids], batch_size, token_budget, tokenizer.max_length):
+        lengths = [len(x) for x in ids]
+        if invariant_tokens is None:
+            plan = plan_batches(lengths, batch_size, token_budget, tokenizer.max_length)
+        else:
+            plan = plan_invariant_batches(lengths, invariant_tokens, tokenizer.max_length)
+        for b in plan:
             rows = [ids[i] for i in b.indices]
             yield start + b.indices, tokenizer.pad(rows + [[]] * (b.rows - len(rows)), b.length)
 

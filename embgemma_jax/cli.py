@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from embgemma_jax import __version__
-from embgemma_jax.batching import MAX_BATCH_TOKENS
+from embgemma_jax.batching import INVARIANT_BATCH_TOKENS, MAX_BATCH_TOKENS
 from embgemma_jax.model import ATTENTION_IMPLS
 from embgemma_jax.quant import QUANT_MODES
 
@@ -186,7 +186,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if not texts:
         raise UsageError("no texts: pass TEXT arguments or --input FILE")
     out = _check_file_output(args.output, "--output", ".npy") if args.output else None
-    model = load_model(args)
+    if args.batch_invariant:
+        if args.token_budget is not None:
+            raise UsageError("--batch-invariant plans its own batches; it cannot be combined with --token-budget")
+        try:
+            from embgemma_jax.engine import check_batch_invariant
+
+            check_batch_invariant(args.invariant_batch_tokens)
+        except ValueError as e:
+            raise UsageError(f"--batch-invariant: {e}") from e
+    model = load_model(args, batch_invariant=args.batch_invariant, invariant_batch_tokens=args.invariant_batch_tokens)
     emb = model.encode(
         texts,
         prompt_name=args.prompt_name,
@@ -219,6 +228,17 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--truncate-dim", type=positive_int, default=None, help="Matryoshka dimension (768, 512, 256, 128)")
     p.add_argument("--normalize", action="store_true", help="re-normalize after truncation")
     _add_batching_options(p)
+    p.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="each text's vector independent of the others, bit for bit (CPU; ignores --batch-size)",
+    )
+    p.add_argument(
+        "--invariant-batch-tokens",
+        type=positive_int,
+        default=INVARIANT_BATCH_TOKENS,
+        help=f"padded tokens per batch with --batch-invariant (default {INVARIANT_BATCH_TOKENS})",
+    )
     p.add_argument("--output", help="write a .npy file instead of JSON on stdout")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     p.set_defaults(func=cmd_embed)
@@ -404,7 +424,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UsageError(f"serve needs the server's dependencies: {e} (pip install 'embgemma-jax[serve]')") from e
     limits = {k: getattr(args, k) for k in SERVE_LIMITS if getattr(args, k) is not None}  # else the server's
-    model = load_model(args)
+    invariant = serve_batch_invariant(args.batch_invariant, args.invariant_batch_tokens)
+    model = load_model(args, batch_invariant=invariant, invariant_batch_tokens=args.invariant_batch_tokens)
     return serve(
         model,
         host=args.host,
@@ -414,6 +435,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         **limits,
     )
+
+
+def serve_batch_invariant(choice: str, tokens: int) -> bool:
+    """``--batch-invariant``: "on" (a usage error where the mode is not available), "off", or "auto" (the
+    default): on where available, the CPU backend, so a coalesced request gets exactly the bits ``encode``
+    of its own texts gives with a batch-invariant model."""
+    from embgemma_jax.engine import check_batch_invariant
+
+    if choice == "off":
+        return False
+    try:
+        check_batch_invariant(tokens)
+    except ValueError as e:
+        if choice == "on":
+            raise UsageError(f"--batch-invariant on: {e}") from e
+        return False
+    return True
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -431,7 +469,27 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="compile every batch shape before listening (with the compilation cache, later starts load them)",
     )
-    p.add_argument("--max-batch-tokens", type=positive_int, default=None, help="padded tokens per device batch")
+    p.add_argument(
+        "--batch-invariant",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="each text's vector independent of the requests it is coalesced with, bit for bit (the same as "
+        "EmbeddingGemma.from_pretrained(..., batch_invariant=True).encode gives); auto (default): on where "
+        "available (the CPU backend); device batches then hold --invariant-batch-tokens padded tokens",
+    )
+    p.add_argument(
+        "--invariant-batch-tokens",
+        type=positive_int,
+        default=INVARIANT_BATCH_TOKENS,
+        help=f"padded tokens per device batch in batch-invariant mode (default {INVARIANT_BATCH_TOKENS}; "
+        "fewer: lower latency for a lone request)",
+    )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=positive_int,
+        default=None,
+        help="padded tokens per device batch (batch-invariant: tokens taken from the queue per encode call)",
+    )
     p.add_argument(
         "--max-concurrent-requests", type=positive_int, default=None, help="requests admitted at once; more get 429"
     )

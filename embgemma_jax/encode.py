@@ -15,10 +15,10 @@ import jax
 import numpy as np
 
 from embgemma_jax import sharding
-from embgemma_jax.batching import check_positive_int, check_truncate_dim
+from embgemma_jax.batching import INVARIANT_BATCH_TOKENS, check_positive_int, check_truncate_dim
 from embgemma_jax.checkpoint import Checkpoint, load_checkpoint, save_converted
 from embgemma_jax.config import MATRYOSHKA_DIMS, EmbeddingGemmaConfig
-from embgemma_jax.engine import Engine, finish, progress_bar
+from embgemma_jax.engine import Engine, check_batch_invariant, finish, progress_bar
 from embgemma_jax.model import EncoderOutput, check_attention_impl, resolve_dtype, stack_layers, unstack_layers
 from embgemma_jax.outputs import as_dicts, check_output_value, convert, token_outputs
 from embgemma_jax.pooling import PoolingLike, PoolingPlan, as_pooling_spec, get_pooling
@@ -63,7 +63,10 @@ class EmbeddingGemma:
         attention_impl: str = "auto",
         truncate_dim: int | None = None,
         similarity_fn_name: str | None = None,
+        batch_invariant: bool = False,
+        invariant_batch_tokens: int = INVARIANT_BATCH_TOKENS,
     ) -> None:
+        invariant = check_batch_invariant(invariant_batch_tokens) if batch_invariant else None
         self.dtype = resolve_dtype(dtype)
         self.attention_impl = check_attention_impl(attention_impl)
         self.config: EmbeddingGemmaConfig = checkpoint.config
@@ -83,7 +86,7 @@ class EmbeddingGemma:
             pad_id=self.config.pad_token_id,
         )
         get_pooling(self.config.pooling_mode)  # raises on a mode we do not implement
-        self.engine = Engine(self.config, self.dtype, self.attention_impl, self.tokenizer)
+        self.engine = Engine(self.config, self.dtype, self.attention_impl, self.tokenizer, invariant_tokens=invariant)
         self.fsdp = False
         self.truncate_dim = truncate_dim
         # As sentence-transformers: the argument, else the checkpoint's config_sentence_transformers.json, else cosine.
@@ -128,6 +131,8 @@ class EmbeddingGemma:
         truncate_dim: int | None = None,
         similarity_fn_name: str | None = None,
         embedding_on_host: bool | None = None,
+        batch_invariant: bool = False,
+        invariant_batch_tokens: int = INVARIANT_BATCH_TOKENS,
     ) -> EmbeddingGemma:
         """Loads a Hub id (e.g. ``google/embeddinggemma-300m``), a sentence-transformers directory, or a
         directory written by ``embgemma-jax convert``.
@@ -150,7 +155,19 @@ class EmbeddingGemma:
             touched (as the reference's lazily mapped weights), not the whole 805 MB float32 table. None
             (default): on the CPU backend without ``quantize`` or ``mesh``, where host memory is device
             memory; elsewhere the table lives on the device. The numbers are the same either way.
+          batch_invariant: a text's vector depends on the text alone, bit for bit: not on the order, the
+            batch size or the other texts of an ``encode`` call (or the requests a server coalesces it
+            with). Every text is padded to its own length bucket and every batch of a bucket has one shape
+            (:func:`~embgemma_jax.batching.plan_invariant_batches`), so ``encode`` ignores ``batch_size``
+            and refuses ``token_budget``. Costs padding (each bucket's last batch is filled with empty
+            rows) and latency (a lone text runs a whole batch). The CPU backend on one device only (see
+            :func:`~embgemma_jax.engine.check_batch_invariant`). The vectors are as close to the reference
+            as the default mode's, not bit-equal to them.
+          invariant_batch_tokens: the padded tokens of each batch-invariant batch (rows = this // length,
+            at least 1). With another value a text may run in another shape and differ in the last bits.
         """
+        if batch_invariant:
+            check_batch_invariant(invariant_batch_tokens, mesh)
         check_positive_int(truncate_dim, "truncate_dim", optional=True)  # the bound is checked once loaded
         if similarity_fn_name is not None:
             check_similarity_fn_name(similarity_fn_name)
@@ -180,6 +197,8 @@ class EmbeddingGemma:
             attention_impl=attention_impl,
             truncate_dim=truncate_dim,
             similarity_fn_name=similarity_fn_name,
+            batch_invariant=batch_invariant,
+            invariant_batch_tokens=invariant_batch_tokens,
         )
         if mesh is not None:
             model.params = sharding.shard_params(model.params, mesh, fsdp=fsdp)  # the stacked layers too
@@ -195,10 +214,17 @@ class EmbeddingGemma:
             devices).
           fsdp: split each parameter along one axis instead of replicating it (less memory per device).
         """
+        if self.batch_invariant:
+            raise ValueError("a batch_invariant model runs on one device; it cannot be sharded over a mesh")
         mesh = sharding.make_mesh() if mesh is None else mesh
         self.params = sharding.shard_params(self.params, mesh, fsdp=fsdp)
         self.engine.mesh, self.fsdp = mesh, fsdp
         return self
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether each text's vector is independent of what it is encoded with (see :meth:`from_pretrained`)."""
+        return self.engine.invariant_tokens is not None
 
     @property
     def quantized(self) -> bool:
@@ -310,6 +336,7 @@ class EmbeddingGemma:
           calibration_embeddings: embeddings whose per-dimension min and max give int8/uint8 ranges.
           token_budget: throughput mode: pack each batch with up to this many padded tokens (rows x padded
             length, at most batch_size rows) instead of a fixed batch_size rows. Results are the same.
+            A :attr:`batch_invariant` model plans its own batches: it ignores batch_size and refuses this.
           prompts_per_text: one prompt per text (instead of prompt/prompt_name).
           titles: document titles, one per text (None for none): ``title: {title} | text: `` prompts.
           pooling: a pooling mode name ("mean", "cls", "lasttoken", "max", "mean_sqrt_len_tokens",

@@ -131,6 +131,25 @@ def _padded(values: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
+def check_batch_invariant(invariant_tokens: Any, mesh: Any = None) -> int:
+    """The padded tokens per batch of a batch-invariant model (``invariant_tokens`` checked); raises
+    ValueError where the mode is not available.
+
+    Available on the CPU backend on one device. Its premise, that a row's result depends on the program's
+    shape alone and not on the row's position or the other rows, was measured on XLA's CPU kernels only;
+    GPU libraries may choose kernels (and summation orders) per process by autotuning, which is not
+    verified, so the mode is refused there rather than promised."""
+    tokens = batching.check_positive_int(invariant_tokens, "invariant_batch_tokens")
+    if jax.default_backend() != "cpu":
+        raise ValueError(
+            f"batch_invariant=True is available on the CPU backend only (the default backend is "
+            f"{jax.default_backend()!r}, where it is not verified)"
+        )
+    if mesh is not None:
+        raise ValueError("batch_invariant=True runs on one device; it cannot be combined with a mesh")
+    return tokens
+
+
 class Engine:
     """The jitted programs of one model (their compile caches live as long as the engine).
 
@@ -139,10 +158,22 @@ class Engine:
       dtype: compute dtype (float32 or bfloat16).
       attention_impl: sliding-window attention ("auto", "dense" or "banded").
       tokenizer: the model's tokenizer (batching and error messages).
+      invariant_tokens: batch-invariant mode (see :func:`check_batch_invariant`): every batch is planned by
+        :func:`~embgemma_jax.batching.plan_invariant_batches` with this many padded tokens per batch, so a
+        text's vector does not depend on what it is encoded with. None (default): the usual plans.
     """
 
-    def __init__(self, config: EmbeddingGemmaConfig, dtype: jnp.dtype, attention_impl: str, tokenizer: Tokenizer):
+    def __init__(
+        self,
+        config: EmbeddingGemmaConfig,
+        dtype: jnp.dtype,
+        attention_impl: str,
+        tokenizer: Tokenizer,
+        *,
+        invariant_tokens: int | None = None,
+    ):
         self.config, self.dtype, self.attention_impl, self.tokenizer = config, dtype, attention_impl, tokenizer
+        self.invariant_tokens = invariant_tokens
         # Parameters are stacked per repeating group of layers (model.stack_layers): the production programs
         # scan over the groups, so a new shape compiles one group, not every layer.
         self.module = EmbeddingGemmaModule(config, dtype, attention_impl, scan_layers=True)
@@ -367,11 +398,32 @@ class Engine:
     ) -> set[tuple[Any, ...]]:
         """The program shapes encoding these (prompted) texts with the reference plan will run: (rows,
         length) of padded batches, (rows, length, segments) of packed ones. Tokenizes; runs nothing."""
-        batching.check_batching(batch_size, token_budget)
+        self.check_batching(batch_size, token_budget)
         if token_budget is not None:
             batches = batching.packed_batches(self.tokenizer, texts, batch_size, token_budget)
             return {(*b.input_ids.shape, b.segments) for _, b in batches}
-        return {b["input_ids"].shape for _, b in batching.padded_batches(self.tokenizer, texts, batch_size)}
+        batches = self.padded_batches(texts, batch_size)
+        return {b["input_ids"].shape for _, b in batches}
+
+    def check_batching(self, batch_size: Any, token_budget: Any) -> None:
+        """Raises on a bad batch_size or token_budget, or a token_budget given to a batch-invariant engine."""
+        batching.check_batching(batch_size, token_budget)
+        if token_budget is not None and self.invariant_tokens is not None:
+            raise ValueError(
+                "token_budget packs several texts per row, whose vectors then depend on their row-mates; a "
+                f"batch-invariant model plans its own batches ({self.invariant_tokens} padded tokens each): "
+                "leave token_budget None"
+            )
+
+    def padded_batches(
+        self, texts: Sequence[str], batch_size: int, token_budget: int | None = None
+    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """:func:`embgemma_jax.batching.padded_batches` of (prompted) texts with this engine's plan: the
+        batch-invariant one when :attr:`invariant_tokens` is set (``batch_size`` then only sizes the
+        tokenization window)."""
+        return batching.padded_batches(
+            self.tokenizer, texts, batch_size, token_budget, invariant_tokens=self.invariant_tokens
+        )
 
     def warmup(self, params: Any, shapes: Iterable[tuple[Any, ...]]) -> int:
         """Compiles the reference programs for these shapes (from :meth:`batch_shapes`) ahead of time, several
@@ -471,10 +523,11 @@ class Engine:
           plans: name -> pooling plan; ``{name: self.reference_plan}`` runs the fused reference program.
           prompts: each text's prompt, needed when a plan excludes the prompt from the pool.
           batch_size, token_budget: see :func:`embgemma_jax.batching.plan_batches`; with a token budget the
-            reference plan packs several texts per row (:func:`embgemma_jax.batching.packed_batches`).
+            reference plan packs several texts per row (:func:`embgemma_jax.batching.packed_batches`). A
+            batch-invariant engine plans its own batches (:meth:`padded_batches`) and takes no budget.
           progress: show a progress bar.
         """
-        batching.check_batching(batch_size, token_budget)
+        self.check_batching(batch_size, token_budget)
         cfg = self.config
         lengths = None
         if any(not p.include_prompt for p in plans.values()):
@@ -520,7 +573,7 @@ class Engine:
             batches = self._compile_ahead(warm_params, batches, "forward_packed")
             run = self.dispatch_ahead(batches, dispatch_packed)
         else:
-            batches = batching.padded_batches(self.tokenizer, texts, batch_size, token_budget)
+            batches = self.padded_batches(texts, batch_size, token_budget)
             if fused and lengths is None:
                 batches = self._compile_ahead(warm_params, batches, "forward")
             run = self.dispatch_ahead(batches, dispatch)

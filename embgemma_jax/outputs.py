@@ -15,8 +15,8 @@ As sentence-transformers' ``encode``:
   returns a list of tensors).
 
 Token states come from the model's fused forward program, batch by batch through the one planner
-(:func:`embgemma_jax.batching.padded_batches`); each batch is dispatched before the previous one is read
-back, so the host pads the next batch while the device computes.
+(``model.engine.padded_batches``: :func:`embgemma_jax.batching.padded_batches`); each batch is dispatched
+before the previous one is read back, so the host pads the next batch while the device computes.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from embgemma_jax.batching import check_batching, padded_batches
 from embgemma_jax.prompts import exclude_prompt, prompt_lengths
 
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings", None)
@@ -77,7 +76,7 @@ def token_outputs(
       include_prompt: False leaves each text's prompt tokens out of the sentence embedding's mean pool.
       progress: a tqdm-like bar (``update(n)``) or None.
     """
-    check_batching(batch_size, token_budget)
+    model.engine.check_batching(batch_size, token_budget)
     n = len(texts)
     ids_out: list[Any] = [None] * n
     states_out: list[Any] = [None] * n
@@ -101,7 +100,7 @@ def token_outputs(
         if progress is not None:
             progress.update(k)
 
-    for idx, batch in padded_batches(model.tokenizer, texts, batch_size, token_budget):
+    for idx, batch in model.engine.padded_batches(texts, batch_size, token_budget):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         pool_mask = None
         if lengths is not None:

@@ -93,6 +93,18 @@ def test_embed_input_reads_lines_as_embed_corpus_and_takes_every_model_option(ti
     np.testing.assert_array_equal(emb, model.encode(lines, token_budget=64))
 
 
+def test_embed_batch_invariant(tiny_ckpt, tmp_path):
+    """--batch-invariant: exactly the batch-invariant model's vectors, which are those of each text alone."""
+    texts = ["a short one", "a much longer text about the red planet and its two small moons", ""]
+    npy = tmp_path / "inv.npy"
+    args = ["embed", "--model", str(tiny_ckpt), "--batch-invariant", "--invariant-batch-tokens", "64"]
+    run("-m", "embgemma_jax.cli", *args, "--output", str(npy), *texts)
+    model = EmbeddingGemma.from_pretrained(tiny_ckpt, batch_invariant=True, invariant_batch_tokens=64)
+    got = np.load(npy)
+    np.testing.assert_array_equal(got, model.encode(texts))
+    np.testing.assert_array_equal(got, np.stack([model.encode([t])[0] for t in texts]))
+
+
 def test_serve_subcommand(tiny_ckpt, jax_model):
     """`embgemma-jax serve` wires the model options, the limits, --model-name and $EMBGEMMA_API_KEY to the
     server: a real process on 127.0.0.1, plain HTTP, drained by SIGTERM."""

@@ -68,6 +68,8 @@ EMBED = ["embed", "--model", NO_MODEL, "hello"]
         (SERVE + ["--max-client-batch-size", "-1"], "argument --max-client-batch-size: expected a positive integer"),
         (SERVE + ["--host", " "], "argument --host: expected a non-empty value"),
         (["serve", "--port", "8000"], "the following arguments are required: --model"),
+        (SERVE + ["--batch-invariant", "yes"], "argument --batch-invariant: invalid choice: 'yes'"),
+        (SERVE + ["--invariant-batch-tokens", "0"], "argument --invariant-batch-tokens: expected a positive integer"),
     ],
 )
 def test_argument_errors_come_before_the_model_loads(argv, message, txt, tmp_path, capsys):
@@ -96,6 +98,11 @@ def test_argument_errors_come_before_the_model_loads(argv, message, txt, tmp_pat
         ("embed input dir", EMBED + ["--input", "{tmp}"], "input file {tmp} is a directory; expected a file"),
         ("embed bad utf-8", EMBED + ["--input", "{bad}"], "{bad}:2: invalid UTF-8 at byte 0"),
         ("embed empty", EMBED[:-1] + ["--input", "{empty}"], "--input {empty} holds no lines"),
+        (
+            "invariant with a budget",
+            EMBED + ["--batch-invariant", "--token-budget", "64"],
+            "--batch-invariant plans its own batches; it cannot be combined with --token-budget",
+        ),
     ],
 )
 def test_path_errors_come_before_the_model_loads(case, argv, message, txt, tmp_path, capsys):

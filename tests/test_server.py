@@ -5,11 +5,10 @@ Two servers per module: ``server`` (open, limits sized for 32 concurrent clients
 (``--api-key``, one admitted request at a time, large requests allowed; drained by SIGTERM in the last
 test). Every wait is bounded.
 
-Equality: a request that is alone on the device runs the same batch shapes as ``model.encode`` of its
-texts, so its vectors are compared bit for bit (``np.array_equal``). Requests coalesced with others run
-in other batch shapes, and XLA's CPU matmuls pick kernels by shape (a row's result changes in the last
-bits between a [16, 768] and a [32, 768] left operand), so those are compared with F32_ATOL, the tolerance
-tests/test_invariance.py states for a text's embedding across batch compositions of ``encode`` itself.
+Equality: the servers run batch-invariant (``--batch-invariant auto``: on, on the CPU backend), so a
+text's vector does not depend on the requests it is coalesced with. Every response, those of 32 concurrent
+clients included, is compared bit for bit (``np.array_equal``) with ``encode`` of the request's own texts
+by the model loaded as the server loads it (this module's ``jax_model``).
 """
 
 from __future__ import annotations
@@ -32,9 +31,8 @@ import numpy as np
 import openai
 import pytest
 
-from embgemma_jax.server.batcher import batch_size_for
+from embgemma_jax import EmbeddingGemma
 from embgemma_jax.testing import REAL_PROMPTS
-from tests.conftest import F32_ATOL
 
 MODEL_NAME = "tiny-embeddinggemma"
 API_KEY = "test-key-123"
@@ -105,6 +103,12 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(30)
         return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def jax_model(tiny_ckpt):
+    """The model as the servers load it: batch-invariant (overrides the session's default-mode model)."""
+    return EmbeddingGemma.from_pretrained(tiny_ckpt, batch_invariant=True)
 
 
 @pytest.fixture(scope="module")
@@ -293,21 +297,13 @@ def test_32_concurrent_clients(server, jax_model):
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         results = [r for f in [pool.submit(start_together, c) for c in range(32)] for r in f.result(timeout=300)]
     assert len(results) == 32 * ROUNDS
-    # References within F32_ATOL (see the module docstring): one encode per prompt over every text (few
-    # compiled shapes), then Matryoshka truncation and re-normalization per request.
+    # Each request against encode of its own texts, bit for bit (see the module docstring).
     by_seed = {seed: (texts, prompt_name, dim) for seed, texts, prompt_name, dim in jobs}
-    full = {}
-    for prompt_name in ("query", "document", None):
-        texts = sorted({t for _, ts, pn, _ in jobs if pn == prompt_name for t in ts})
-        vectors = jax_model.encode(texts, prompt_name=prompt_name)
-        full.update({(prompt_name, t): e for t, e in zip(texts, vectors, strict=True)})
     for seed, got in results:
         texts, prompt_name, dim = by_seed[seed]
-        want = np.stack([full[prompt_name, t] for t in texts])
-        if dim is not None:
-            want = want[:, :dim] / np.linalg.norm(want[:, :dim], axis=1, keepdims=True)
+        want = _reference(jax_model, texts, prompt_name=prompt_name, dim=dim)
         assert got.shape == want.shape
-        np.testing.assert_allclose(got, want, atol=F32_ATOL, rtol=0, err_msg=f"request {seed}")
+        assert np.array_equal(got, want), f"request {seed}: max |diff| {np.abs(got - want).max()}"
 
     after = httpx.get(f"{server.url}/metrics", timeout=10).text
     calls = _metric(after, "embgemma_batch_requests_count") - _metric(before, "embgemma_batch_requests_count")
@@ -475,11 +471,8 @@ def test_sigterm_drains_then_exits_0(guarded, jax_model):
     assert resp.status_code == 200, resp.text
     assert guarded.proc.wait(60) == 0, guarded.log()
     assert "drained" in guarded.log()
-    # The drained request ran alone on the device: exactly encode with the server's batch size.
     got = np.array([d["embedding"] for d in resp.json()["data"]], dtype=np.float32)
-    longest = max(map(len, jax_model.tokenizer.encode(BIG)))
-    batch_size = batch_size_for(MAX_BATCH_TOKENS, longest, jax_model.config.max_seq_length)
-    assert np.array_equal(got, jax_model.encode(BIG, batch_size=batch_size))
+    assert np.array_equal(got, jax_model.encode(BIG))
 
 
 def test_bad_settings_exit_with_a_message(tiny_ckpt):

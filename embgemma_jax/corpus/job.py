@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from embgemma_jax.batching import check_batching, check_positive_int, check_truncate_dim, tokenize_window
+from embgemma_jax.batching import check_positive_int, check_truncate_dim, tokenize_window
 from embgemma_jax.config import MATRYOSHKA_DIMS
 from embgemma_jax.corpus import shards
 from embgemma_jax.corpus.progress import Progress
@@ -289,7 +289,7 @@ def embed_corpus(
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
     check_positive_int(shard_size, "shard_size")
-    check_batching(batch_size, token_budget)
+    model.engine.check_batching(batch_size, token_budget)
     shards.check_format(output_format)
     corpus = Corpus(inputs, text_field=text_field, id_field=id_field)
     prompt_text = resolve_prompt(model.prompts, prompt_name, prompt) or ""

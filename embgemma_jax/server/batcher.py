@@ -5,11 +5,14 @@ request goes alone) and runs one ``model.encode`` over all their texts with one 
 planner that ``encode`` uses batches them. The rows are split back per request. When the call returns,
 the thread takes what has queued meanwhile at once, so the device never idles while requests wait.
 
-``encode`` runs on its exact path (padded batches, no ``token_budget``): with a token budget it packs
-several texts per row, which changes the last bits of the vectors, so a request could never match
-``encode`` of its own texts. The batch size keeps each batch within ``max_batch_tokens`` padded tokens:
-the largest power of two with ``rows * bucket(longest text of the call) <= max_batch_tokens``
-(:func:`batch_size_for`).
+``encode`` runs on its padded path (no ``token_budget``, which packs several texts per row). With a
+batch-invariant model (``serve --batch-invariant``, on by default where available: the CPU backend) a
+text's vector does not depend on the other texts of the call, so each request gets exactly the bits
+``encode`` of its own texts gives; every device batch then has ``invariant_batch_tokens`` padded tokens.
+Without, the batch size keeps each batch within ``max_batch_tokens`` padded tokens: the largest power of
+two with ``rows * bucket(longest text of the call) <= max_batch_tokens`` (:func:`batch_size_for`), and a
+coalesced request may differ from ``encode`` of its own texts in the last bits (other padded lengths,
+other matmul kernels).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from embgemma_jax.batching import MAX_BATCH_TOKENS, bucket_for, bucket_lengths
+from embgemma_jax.batching import MAX_BATCH_TOKENS, bucket_for, bucket_lengths, invariant_rows
 from embgemma_jax.server.metrics import Metrics
 
 log = logging.getLogger("embgemma_jax.server")
@@ -138,7 +141,10 @@ class Batcher:
 
     def warmup_shapes(self) -> list[tuple[int, int]]:
         """Every (rows, padded length) batch the server's calls can make: per length bucket, the powers of
-        two up to :func:`batch_size_for` that bucket."""
+        two up to :func:`batch_size_for` that bucket (batch-invariant: the bucket's one shape)."""
+        tokens = self.model.engine.invariant_tokens
+        if tokens is not None:
+            return [(invariant_rows(length, tokens), length) for length in bucket_lengths(self.max_len)]
         shapes = []
         for length in bucket_lengths(self.max_len):
             cap = batch_size_for(self.max_batch_tokens, length, self.max_len)

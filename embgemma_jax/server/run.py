@@ -104,13 +104,14 @@ def serve(
     server = DrainingServer(config, service)
     log.info(
         "serving %r (embedding dim %d) with max_batch_tokens=%d, max_concurrent_requests=%d, "
-        "max_client_batch_size=%d, api key %s",
+        "max_client_batch_size=%d, api key %s, batch-invariant %s",
         service.limits.model_name,
         service.limits.embedding_dim,
         max_batch_tokens,
         max_concurrent_requests,
         max_client_batch_size,
         "required" if api_key else "off",
+        "off" if model.engine.invariant_tokens is None else f"on ({model.engine.invariant_tokens} tokens per batch)",
     )
     if warmup:
         started = time.perf_counter()
