@@ -394,19 +394,10 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from embgemma_jax.checkpoint.load import read_st_config
 
-    cache = HERE / ".cache"
     if args.model is None:
-        from embgemma_jax import testing
+        from checkpoints import cached_checkpoint
 
-        if args.tiny:
-            args.model = cache / "tiny"
-            if not (args.model / "modules.json").is_file():
-                testing.build_tiny_checkpoint(args.model, max_seq_length=256, max_position_embeddings=256)
-        else:
-            args.model = cache / "random-full"
-            if not (args.model / "modules.json").is_file():
-                print("building a full-size random checkpoint in", args.model, file=sys.stderr)
-                testing.build_full_size_random_checkpoint(args.model)
+        args.model = cached_checkpoint(tiny=args.tiny)
     cfg = read_st_config(args.model)
     wanted = [c for c in args.cases.split(",") if c]
     unknown = sorted(set(wanted) - set(CASES))

@@ -50,14 +50,12 @@ def main() -> None:
     ap.add_argument("--check", type=int, default=8, help="texts re-encoded alone per system and case")
     args = ap.parse_args()
 
-    from embgemma_jax import EmbeddingGemma, testing
+    from checkpoints import cached_checkpoint
 
-    cache = HERE / ".cache"
+    from embgemma_jax import EmbeddingGemma
+
     if args.model is None:
-        args.model = cache / ("tiny" if args.tiny else "random-full")
-        if not (args.model / "modules.json").exists():
-            build = testing.build_tiny_checkpoint if args.tiny else testing.build_full_size_random_checkpoint
-            build(args.model)
+        args.model = cached_checkpoint(tiny=args.tiny)
     cases = [c for c in args.cases.split(",") if c]
     defaults = {"queries": 256, "mixed": 48}
     counts = {name: (args.count or defaults.get(name, spec[2])) for name, spec in CASES.items()}

@@ -255,8 +255,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
 
     import jax
+    from checkpoints import cached_checkpoint
 
-    from embgemma_jax import EmbeddingGemma, testing
+    from embgemma_jax import EmbeddingGemma
     from embgemma_jax.batching import INVARIANT_BATCH_TOKENS
     from embgemma_jax.cli import serve_batch_invariant
     from embgemma_jax.server.batcher import batch_size_for
@@ -266,13 +267,7 @@ def main() -> None:
     tag = "custom"
     if args.model is None:
         tag = "tiny" if args.tiny else "random-full"
-        args.model = HERE / ".cache" / tag
-        if not (args.model / "modules.json").is_file():
-            print("building a random checkpoint in", args.model, file=sys.stderr)
-            if args.tiny:
-                testing.build_tiny_checkpoint(args.model, max_seq_length=256, max_position_embeddings=256)
-            else:
-                testing.build_full_size_random_checkpoint(args.model)
+        args.model = cached_checkpoint(tiny=args.tiny)
 
     model = EmbeddingGemma.from_pretrained(args.model, dtype=args.dtype, compilation_cache_dir=args.compilation_cache)
     # The server's own model: with batch-invariant mode, its encode gives what each request must get exactly.

@@ -48,16 +48,19 @@ def median_ms(fn, n: int) -> float:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", type=int, default=50, help="timed calls per program for the 1 x 16 shape (5 above)")
+    args = ap.parse_args()
     import jax
     import jax.numpy as jnp
+    from checkpoints import cached_checkpoint
 
-    from embgemma_jax import EmbeddingGemma, testing
+    from embgemma_jax import EmbeddingGemma
     from embgemma_jax.model import EmbeddingGemmaModule, unstack_layers
 
-    ckpt = HERE / ".cache" / "random-full"
-    if not (ckpt / "modules.json").exists():
-        testing.build_full_size_random_checkpoint(ckpt)
-    model = EmbeddingGemma.from_pretrained(ckpt)
+    model = EmbeddingGemma.from_pretrained(cached_checkpoint())
     engine = model.engine
     params, table = engine.split_table(model.params)
     # Separate buffers per layer (a copy of the layer weights: only for this comparison).
@@ -75,7 +78,7 @@ def main() -> None:
         unr = forward_unrolled.lower(layers, d_ids, d_mask, emb).compile()
         a = np.asarray(scan(params, d_ids, d_mask, d_mask, emb).embeddings)
         b = np.asarray(unr(layers, d_ids, d_mask, emb))
-        n = 20 if rows * length <= 64 else 5
+        n = args.calls if rows * length <= 64 else 5
         row = {
             "temp_mib_scan": scan.memory_analysis().temp_size_in_bytes / 2**20,
             "temp_mib_unrolled": unr.memory_analysis().temp_size_in_bytes / 2**20,

@@ -32,12 +32,11 @@ def worker(variant: str) -> None:
 
     if variant == "whole":
         masks.GLOBAL_QUERY_CHUNK = 10**9
+    from checkpoints import cached_checkpoint
+
     from embgemma_jax import EmbeddingGemma, testing
 
-    ckpt = HERE / ".cache" / "random-full"
-    if not (ckpt / "model.safetensors").exists():
-        testing.build_full_size_random_checkpoint(ckpt)
-    model = EmbeddingGemma.from_pretrained(ckpt)
+    model = EmbeddingGemma.from_pretrained(cached_checkpoint())
     engine = model.engine
     params, table = engine.split_table(model.params)
     out = {}
