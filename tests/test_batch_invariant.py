@@ -3,8 +3,9 @@
 ``from_pretrained(..., batch_invariant=True)`` pads each text to its own length bucket and gives every batch
 of a bucket one shape (``batching.plan_invariant_batches``). Every check here is ``np.array_equal``: the
 text encoded alone against the same text inside other batches (other texts, sizes, orders, prompts), on the
-tiny model and on a model with the real widths (768 hidden, 3 x 256 heads, 1152 MLP, the 3072-wide dense
-head), under the suite's 8 host devices. The vectors stay within F32_ATOL of sentence-transformers.
+tiny model (float32, bfloat16, int8) and on a model with the real widths (768 hidden, 3 x 256 heads, 1152
+MLP, the 3072-wide dense head; float32), under the suite's 8 host devices. The float32 vectors stay within
+F32_ATOL of sentence-transformers.
 """
 
 from __future__ import annotations
@@ -105,9 +106,10 @@ def test_prompts_per_text_pooling_variants_and_token_outputs(inv_model):
         assert np.array_equal(tokens[i], inv_model.encode([t], output_value="token_embeddings")[0]), f"row {i}"
 
 
-def test_bfloat16_is_batch_invariant_too(tiny_ckpt):
+@pytest.mark.parametrize("precision", [{"dtype": "bfloat16"}, {"quantize": "int8"}], ids=["bfloat16", "int8"])
+def test_bfloat16_and_int8_are_batch_invariant_too(tiny_ckpt, precision):
     kwargs = {"batch_invariant": True, "invariant_batch_tokens": TOKENS}
-    model = EmbeddingGemma.from_pretrained(tiny_ckpt, dtype="bfloat16", **kwargs)
+    model = EmbeddingGemma.from_pretrained(tiny_ckpt, **precision, **kwargs)
     rng = np.random.default_rng(5)
     texts = [_words(rng, 0, 60) for _ in range(17)]
     out = model.encode(texts)
