@@ -259,10 +259,10 @@ def main() -> None:
 
     from embgemma_jax import EmbeddingGemma
     from embgemma_jax.batching import INVARIANT_BATCH_TOKENS
-    from embgemma_jax.cli import serve_batch_invariant
+    from embgemma_jax.cli import resolve_batch_invariant
     from embgemma_jax.server.batcher import batch_size_for
 
-    args.invariant = serve_batch_invariant(args.batch_invariant, INVARIANT_BATCH_TOKENS)
+    args.invariant = resolve_batch_invariant(args.batch_invariant, INVARIANT_BATCH_TOKENS)
 
     tag = "custom"
     if args.model is None:

@@ -186,16 +186,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if not texts:
         raise UsageError("no texts: pass TEXT arguments or --input FILE")
     out = _check_file_output(args.output, "--output", ".npy") if args.output else None
-    if args.batch_invariant:
-        if args.token_budget is not None:
-            raise UsageError("--batch-invariant plans its own batches; it cannot be combined with --token-budget")
-        try:
-            from embgemma_jax.engine import check_batch_invariant
-
-            check_batch_invariant(args.invariant_batch_tokens)
-        except ValueError as e:
-            raise UsageError(f"--batch-invariant: {e}") from e
-    model = load_model(args, batch_invariant=args.batch_invariant, invariant_batch_tokens=args.invariant_batch_tokens)
+    if args.batch_invariant and args.token_budget is not None:
+        raise UsageError("--batch-invariant plans its own batches; it cannot be combined with --token-budget")
+    invariant = resolve_batch_invariant("on" if args.batch_invariant else "off", args.invariant_batch_tokens)
+    model = load_model(args, batch_invariant=invariant, invariant_batch_tokens=args.invariant_batch_tokens)
     emb = model.encode(
         texts,
         prompt_name=args.prompt_name,
@@ -424,7 +418,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UsageError(f"serve needs the server's dependencies: {e} (pip install 'embgemma-jax[serve]')") from e
     limits = {k: getattr(args, k) for k in SERVE_LIMITS if getattr(args, k) is not None}  # else the server's
-    invariant = serve_batch_invariant(args.batch_invariant, args.invariant_batch_tokens)
+    invariant = resolve_batch_invariant(args.batch_invariant, args.invariant_batch_tokens)
     model = load_model(args, batch_invariant=invariant, invariant_batch_tokens=args.invariant_batch_tokens)
     return serve(
         model,
@@ -437,10 +431,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
 
-def serve_batch_invariant(choice: str, tokens: int) -> bool:
-    """``--batch-invariant``: "on" (a usage error where the mode is not available), "off", or "auto" (the
+def resolve_batch_invariant(choice: str, tokens: int) -> bool:
+    """``--batch-invariant``: "on" (a usage error where the mode is not available), "off", or "auto" (serve's
     default): on where available, the CPU backend, so a coalesced request gets exactly the bits ``encode``
-    of its own texts gives with a batch-invariant model."""
+    of its own texts gives with a batch-invariant model. Checked before the model loads."""
     from embgemma_jax.engine import check_batch_invariant
 
     if choice == "off":
@@ -449,7 +443,7 @@ def serve_batch_invariant(choice: str, tokens: int) -> bool:
         check_batch_invariant(tokens)
     except ValueError as e:
         if choice == "on":
-            raise UsageError(f"--batch-invariant on: {e}") from e
+            raise UsageError(f"--batch-invariant: {e}") from e
         return False
     return True
 
