@@ -4,7 +4,8 @@ full-attention layers (``masks.QueryChunks``), on the full-size random checkpoin
 
     python benchmarks/probe_temp_memory.py
 
-Compiles ``Engine.forward`` ahead of time for a few batch shapes and reads ``compiled.memory_analysis()``
+Compiles the scanned reference program (``Engine.scanned_forward``, the form the CPU ran before
+:mod:`embgemma_jax.layerwise`) ahead of time for a few batch shapes and reads ``compiled.memory_analysis()``
 (temporary buffers, arguments, outputs). Then each variant embeds the same 4 documents of 2048 tokens
 (stdlib docstrings, batch 4), and the two sets of embeddings are compared bit for bit. ``whole``: every
 full-attention layer computes its [B, K, T, G, S] scores at once; ``chunks``: the library's default (256
@@ -43,7 +44,7 @@ def worker(variant: str) -> None:
     for rows, length in SHAPES:
         ids = np.zeros((rows, length), np.int32)
         d_ids, d_mask = engine.place("forward", ids, np.ones_like(ids), count=False)
-        compiled = engine.forward.lower(params, d_ids, d_mask, d_mask, engine.gather(table, ids)).compile()
+        compiled = engine.scanned_forward.lower(params, d_ids, d_mask, d_mask, engine.gather(table, ids)).compile()
         ma = compiled.memory_analysis()
         out[f"{rows}x{length}"] = {
             "temp_mib": ma.temp_size_in_bytes / 2**20,

@@ -2,19 +2,25 @@
 
 Programs (each compiled once per input shape; :attr:`Engine.compiled` records every program and shape):
 
-  * ``forward``: the reference pipeline fused in one program (encoder, mean pool, dense head, L2 norm).
+  * ``forward``: the reference pipeline (encoder, mean pool, dense head, L2 norm).
   * ``forward_packed``: the same on packed rows (several texts per row, each pooled on its own).
   * ``states``: the encoder alone, returning the final states or all ``num_layers + 1`` hidden states.
   * ``pool_head``: one pooling variant (:class:`~embgemma_jax.pooling.PoolingPlan`) over selected states.
   * ``capture``: the reference pipeline returning the intermediates a :class:`Capture` asks for.
+
+The first three run the encoder in one of two forms (:attr:`Engine.layerwise`): one program that scans over
+the repeating group of layers (``scanned_forward``, ... : accelerators and meshes), or, on the CPU backend
+with one device, one small program per layer call over views of the same weights
+(:mod:`embgemma_jax.layerwise`), which avoids the scan's per-step copy of the weights there and compiles a
+new shape faster.
 
 :meth:`Engine.embed` is the one loop from prompted texts to vectors: the batch planner
 (:mod:`embgemma_jax.batching`) pads the texts into batches (or, with a token budget, packs them into
 rows), each batch is checked (ids inside the table), placed (split over the mesh, rows padded to the
 device count) and dispatched; results are read back one batch behind, so the host tokenizes and pads while
 the device computes. The shapes of the first batches compile in parallel before the first dispatch. The
-reference plan runs the fused ``forward`` (or ``forward_packed``) program; any other plan runs ``states``
-once per batch and ``pool_head`` per plan.
+reference plan runs ``forward`` (or ``forward_packed``); any other plan runs ``states`` once per batch and
+``pool_head`` per plan.
 
 On the CPU backend the embedding table stays on the host, memory-mapped (:meth:`Engine.split_table`): each
 batch's rows are gathered there (:meth:`Engine.gather`) and passed to the programs in place of the table.
@@ -39,6 +45,7 @@ from embgemma_jax import batching, sharding
 from embgemma_jax.checkpoint.placement import storage_dtype
 from embgemma_jax.checkpoint.safetensors_file import check_rows_finite
 from embgemma_jax.config import EmbeddingGemmaConfig
+from embgemma_jax.layerwise import LayerPrograms
 from embgemma_jax.model import (
     DenseHead,
     EmbeddingGemmaModule,
@@ -186,9 +193,13 @@ class Engine:
         }
         self.reference_plan = PoolingSpec("mean", config.include_prompt).plan(config.num_layers, config.normalize)
         self.mesh: jax.sharding.Mesh | None = None  # None: every batch on the default device
-        self.forward = jax.jit(self._forward, static_argnames=("return_hidden_states",))
-        self.forward_packed = jax.jit(self._forward_packed, static_argnames=("num_segments",))
-        self.states = jax.jit(self._states, static_argnames=("all_layers",))
+        # The encoder in one program (a scan over the layer groups): accelerators and meshes.
+        self.scanned_forward = jax.jit(self._forward, static_argnames=("return_hidden_states",))
+        self.scanned_forward_packed = jax.jit(self._forward_packed, static_argnames=("num_segments",))
+        self.scanned_states = jax.jit(self._states, static_argnames=("all_layers",))
+        # The encoder one layer per program call (see embgemma_jax.layerwise): the CPU backend, one device.
+        self.layers = LayerPrograms(config, dtype, attention_impl, self.module)
+        self.per_layer: bool | None = None  # None: per layer where available (see layerwise)
         self.pool_head = jax.jit(self._pool_head, static_argnames=("plan",))
         self.capture = jax.jit(self._capture, static_argnames=("capture",))
         self._lock = threading.Lock()
@@ -199,6 +210,36 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------
     # The programs
+
+    @property
+    def layerwise(self) -> bool:
+        """Whether the encoder runs one layer per program call (:mod:`embgemma_jax.layerwise`): on the CPU
+        backend with one device (no mesh), unless :attr:`per_layer` says otherwise. Otherwise the scanned
+        programs run (``scanned_forward``, ...)."""
+        if self.mesh is not None:
+            return False
+        return jax.default_backend() == "cpu" if self.per_layer is None else bool(self.per_layer)
+
+    def forward(self, params, ids, mask, pool_mask, embedded=None, *, return_hidden_states=False) -> EncoderOutput:
+        """The reference pipeline on placed arrays (program parameters from :meth:`split_table`): encoder, mean
+        pool, dense head, L2 norm; per layer or as one scanned program (see :attr:`layerwise`)."""
+        if self.layerwise:
+            return self.layers.forward(
+                params, ids, mask, pool_mask, embedded, return_hidden_states=return_hidden_states
+            )
+        if return_hidden_states:  # (a static argument given explicitly is another jit cache entry than its default)
+            return self.scanned_forward(params, ids, mask, pool_mask, embedded, return_hidden_states=True)
+        return self.scanned_forward(params, ids, mask, pool_mask, embedded)
+
+    def forward_packed(self, params, ids, segments, positions, embedded=None, *, num_segments: int) -> jax.Array:
+        """The reference pipeline on packed rows: embeddings [rows * num_segments, E]."""
+        run = self.layers.forward_packed if self.layerwise else self.scanned_forward_packed
+        return run(params, ids, segments, positions, embedded, num_segments=num_segments)
+
+    def states(self, enc_params, ids, mask, embedded=None, *, all_layers: bool) -> tuple[jax.Array, ...]:
+        """The encoder alone: the final-normed states, or all num_layers + 1 hidden states."""
+        run = self.layers.states if self.layerwise else self.scanned_states
+        return run(enc_params, ids, mask, embedded, all_layers=all_layers)
 
     # ``embedded``: the table's rows for ``ids``, gathered on the host (see :meth:`split_table`), or None.
 
@@ -436,25 +477,33 @@ class Engine:
         shapes = sorted(set(shapes))
         params, table = self.split_table(params)
 
-        def one(shape: tuple[Any, ...]) -> None:
+        layerwise = self.layerwise
+
+        def jobs(shape: tuple[Any, ...]) -> list[Callable[[], Any]]:
+            """The compilations one shape needs: one program, or each per-layer program (see layerwise)."""
             rows, length = shape[:2]
             ids = np.zeros((rows, length), np.int32)
             ones = np.ones((rows, length), np.int32)
             embedded = None if table is None else self.gather(table, ids)
             if len(shape) == 3:
                 d_ids, d_seg, d_pos = self.place("forward_packed", ids, ones, np.zeros_like(ids), count=False)
-                self.forward_packed.lower(params, d_ids, d_seg, d_pos, embedded, num_segments=shape[2]).compile()
-            else:
-                d_ids, d_mask = self.place("forward", ids, ones, count=False)
-                self.forward.lower(params, d_ids, d_mask, d_mask, embedded).compile()
+                if layerwise:
+                    return self.layers.compile_jobs(params, d_ids, d_seg, embedded, segments=shape[2])
+                program = self.scanned_forward_packed
+                return [lambda: program.lower(params, d_ids, d_seg, d_pos, embedded, num_segments=shape[2]).compile()]
+            d_ids, d_mask = self.place("forward", ids, ones, count=False)
+            if layerwise:
+                return self.layers.compile_jobs(params, d_ids, d_mask, embedded)
+            return [lambda: self.scanned_forward.lower(params, d_ids, d_mask, d_mask, embedded).compile()]
 
-        workers = min(len(shapes), os.cpu_count() or 1, 8)
+        todo = [job for shape in shapes for job in jobs(shape)]
+        workers = min(len(todo), os.cpu_count() or 1, 8)
         if workers <= 1:
-            for shape in shapes:
-                one(shape)
+            for job in todo:
+                job()
         else:
             with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="embgemma-compile") as pool:
-                list(pool.map(one, shapes))
+                list(pool.map(lambda job: job(), todo))
         return len(shapes)
 
     def _compile_ahead(self, params: Any, batches: Iterator[tuple[np.ndarray, Any]], program: str):
@@ -470,7 +519,7 @@ class Engine:
         }
         with self._lock:
             new = {shape for shape in shapes if (program, tuple(shape[:2])) not in self.compiled}
-        if len(new) > 1:
+        if len(new) > 1 or (new and self.layerwise):  # per layer, even one shape is several programs
             self.warmup(params, new)
         yield from ahead
         yield from batches

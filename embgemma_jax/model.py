@@ -337,6 +337,30 @@ def _masks_and_ropes(
     return masks, ropes
 
 
+def embed_tokens(
+    cfg: EmbeddingGemmaConfig,
+    dt: jnp.dtype,
+    input_ids: jax.Array,
+    table: jax.Array | None,
+    row_scale: jax.Array | None = None,
+    embedded: jax.Array | None = None,
+) -> jax.Array:
+    """The encoder's input [B, T, D]: the table's rows for ``input_ids``, scaled by sqrt(hidden size).
+
+    ``embedded``: the rows already gathered by the caller (the engine does so on the host from a
+    memory-mapped table), in the table's stored dtype; ``table`` is then unused. An int8 table comes with a
+    float32 ``row_scale`` per row. Out-of-range ids gather NaN (``mode="fill"``) instead of a clamped row
+    (see the module doc)."""
+    if embedded is not None:
+        x = embedded.astype(dt)  # the table's rows in its stored dtype: the same cast as below
+    elif row_scale is not None:  # int8 rows with a float32 scale per row
+        rows = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
+        x = (rows * jnp.take(row_scale, input_ids, mode="fill", fill_value=jnp.nan)[..., None]).astype(dt)
+    else:
+        x = jnp.take(from_bits(table), input_ids, axis=0, mode="fill", fill_value=jnp.nan).astype(dt)
+    return x * jnp.asarray(cfg.embed_scale, jnp.float32).astype(dt)
+
+
 class Encoder(nn.Module):
     """Token ids [B, T] and mask [B, T] -> final-normed token states [B, T, D] (and per-layer states).
 
@@ -365,22 +389,12 @@ class Encoder(nn.Module):
         """``embedded``: the embedding table's rows for ``input_ids`` [B, T, D], gathered by the caller (the
         engine does so on the host from a memory-mapped table); the parameters then hold no table."""
         cfg, dt = self.config, self.dtype
-        if embedded is not None:
-            x = embedded.astype(dt)  # the table's rows in its stored dtype: the same cast as below
-        elif self.has_variable("params", "embedding_scale"):  # int8 rows with a float32 scale per row
+        table = row_scale = None
+        if embedded is None:
             table = self.param("embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
-            rows = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
-            row_scale = jnp.take(
-                self.get_variable("params", "embedding_scale"), input_ids, mode="fill", fill_value=jnp.nan
-            )
-            x = (rows * row_scale[..., None]).astype(dt)
-        else:
-            table = from_bits(
-                self.param("embedding", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
-            )
-            # mode="fill": an id outside [0, V) gathers NaN instead of silently clamping (see module doc).
-            x = jnp.take(table, input_ids, axis=0, mode="fill", fill_value=jnp.nan).astype(dt)
-        x = x * jnp.asarray(cfg.embed_scale, jnp.float32).astype(dt)
+            if self.has_variable("params", "embedding_scale"):
+                row_scale = self.get_variable("params", "embedding_scale")
+        x = embed_tokens(cfg, dt, input_ids, table, row_scale, embedded)
         self.sow("intermediates", "embeddings", x)
 
         valid = attention_mask_2d.astype(bool)
@@ -508,8 +522,7 @@ class EmbeddingGemmaModule(nn.Module):
         states, hidden = self.encoder(
             input_ids, attention_mask_2d, return_hidden_states=return_hidden_states, embedded=embedded
         )
-        pooled = mean_pool(states, attention_mask_2d if pool_mask is None else pool_mask)
-        return self._head(pooled, states, hidden)
+        return self.from_states(states, attention_mask_2d if pool_mask is None else pool_mask, hidden)
 
     def packed(
         self, input_ids: jax.Array, packing: Packing, num_segments: int, embedded: jax.Array | None = None
@@ -518,7 +531,19 @@ class EmbeddingGemmaModule(nn.Module):
         vectors [B * num_segments, .] (row b, text s at b * num_segments + s - 1; unused slots are zeros
         through the head), and the token states [B, T, D]."""
         states, _ = self.encoder(input_ids, packing.segments > 0, packing=packing, embedded=embedded)
-        pooled = segment_mean_pool(states, packing.segments, num_segments)
+        return self.from_packed_states(states, packing.segments, num_segments)
+
+    def from_states(
+        self, states: jax.Array, pool_mask: jax.Array, hidden: tuple[jax.Array, ...] | None = None
+    ) -> EncoderOutput:
+        """The pipeline after the encoder: final-normed states [B, T, D] -> mean pool -> dense head -> L2
+        normalize. Uses the head's parameters only (the engine's per-layer programs call it on their own)."""
+        pooled = mean_pool(states, pool_mask)
+        return self._head(pooled, states, hidden)
+
+    def from_packed_states(self, states: jax.Array, segments: jax.Array, num_segments: int) -> EncoderOutput:
+        """:meth:`from_states` for packed rows: one mean per text (see :meth:`packed`)."""
+        pooled = segment_mean_pool(states, segments, num_segments)
         return self._head(pooled.reshape(-1, pooled.shape[-1]), states, None)
 
     def _head(self, pooled: jax.Array, states: jax.Array, hidden: tuple[jax.Array, ...] | None) -> EncoderOutput:

@@ -37,8 +37,31 @@ jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 @pytest.fixture
 def compiles():
-    """``compiles(name)``: XLA compilations of the jitted function ``name`` so far in this process."""
-    return lambda name: _BACKEND_COMPILES[name]
+    """``compiles(name)``: XLA compilations of the jitted function ``name`` (or of several names, summed) so
+    far in this process."""
+    return lambda names: sum(_BACKEND_COMPILES[n] for n in ((names,) if isinstance(names, str) else names))
+
+
+# The jitted functions a forward pass compiles: one scanned program (accelerators, meshes) or the per-layer
+# programs (embgemma_jax.layerwise: the CPU with one device).
+FORWARD_PROGRAMS = (
+    "jit(_forward)",
+    "jit(_forward_packed)",
+    "jit(_prepare)",
+    "jit(_layer_given)",
+    "jit(_layer)",
+    "jit(_tail)",
+    "jit(_packed_tail)",
+)
+
+
+def per_shape_program(engine, packed: bool = False) -> str:
+    """The jitted function that compiles exactly once per batch shape of the reference pipeline: the scanned
+    program, or the per-layer pipeline's tail (beside it, once per shape: ``_prepare`` and one or two layer
+    programs)."""
+    if engine.layerwise:
+        return "jit(_packed_tail)" if packed else "jit(_tail)"
+    return "jit(_forward_packed)" if packed else "jit(_forward)"
 
 
 @pytest.fixture(scope="session")

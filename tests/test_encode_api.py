@@ -113,4 +113,6 @@ def test_bucketing_bounds_compiles(tiny_ckpt):
 
 
 def jax_cache_size(model) -> int:
-    return model.engine.forward._cache_size()
+    """Entries in the jit cache of the program that compiles once per batch shape."""
+    engine = model.engine
+    return (engine.layers.tail if engine.layerwise else engine.scanned_forward)._cache_size()

@@ -7,7 +7,7 @@ import pytest
 from embgemma_jax import EmbeddingGemma
 from embgemma_jax.batching import MAX_BATCH_TOKENS, PACK_MIN_LENGTH, packed_batches
 from embgemma_jax.sharding import make_mesh
-from tests.conftest import F32_ATOL
+from tests.conftest import F32_ATOL, FORWARD_PROGRAMS, per_shape_program
 
 WORDS = "the quick brown fox jumps over a lazy dog while packed rows keep every text apart <eos> é 東京".split()
 
@@ -77,34 +77,35 @@ def test_packing_respects_the_batch_cap(jax_model):
         assert b.input_ids.size <= MAX_BATCH_TOKENS
 
 
+@pytest.mark.parametrize("per_layer", [True, False], ids=["per-layer", "scanned"])
 @pytest.mark.parametrize("token_budget", [None, 1024])
-def test_warmup_compiles_every_shape_the_job_uses(tiny_ckpt, token_budget, compiles):
+def test_warmup_compiles_every_shape_the_job_uses(tiny_ckpt, token_budget, per_layer, compiles):
     """After engine.warmup(batch_shapes(texts)), encoding those texts compiles no new program, and the
-    warm-up ran nothing (it compiles ahead of time: placeholder batches are neither run nor counted)."""
+    warm-up ran nothing (it compiles ahead of time: placeholder batches are neither run nor counted). Both
+    forms of the encoder: per layer (the CPU's) and scanned (accelerators')."""
     model = EmbeddingGemma.from_pretrained(tiny_ckpt)
+    model.engine.per_layer = per_layer
     texts = _texts(150, seed=4)
     shapes = model.engine.batch_shapes(texts, batch_size=16, token_budget=token_budget)
-    name = "jit(_forward)" if token_budget is None else "jit(_forward_packed)"
+    name = per_shape_program(model.engine, packed=token_budget is not None)
     attr = "forward" if token_budget is None else "forward_packed"
     program, calls = getattr(model.engine, attr), []
 
-    class Recording:  # the program, with its calls (runs) recorded; lower() (ahead of time) passes through
-        def __call__(self, *a, **k):
-            calls.append(a)
-            return program(*a, **k)
+    def recording(*a, **k):  # the pipeline, with its calls (runs) recorded
+        calls.append(a)
+        return program(*a, **k)
 
-        def lower(self, *a, **k):
-            return program.lower(*a, **k)
-
-    setattr(model.engine, attr, Recording())
-    before = compiles(name)
+    setattr(model.engine, attr, recording)
+    before, total = compiles(name), compiles(FORWARD_PROGRAMS)
     assert model.warmup(texts, batch_size=16, token_budget=token_budget) == len(shapes) >= 2
     assert compiles(name) - before == len(shapes)
+    compiled = compiles(FORWARD_PROGRAMS) - total
+    assert compiled == len(shapes) if not per_layer else 3 * len(shapes) <= compiled <= 4 * len(shapes)
     assert calls == []  # compiled ahead of time: nothing ran
     setattr(model.engine, attr, program)
     assert model.engine.stats["batches"] == 0
     model.encode(texts, batch_size=16, token_budget=token_budget)
-    assert compiles(name) - before == len(shapes)
+    assert compiles(FORWARD_PROGRAMS) - total == compiled  # no program of any shape compiled again
     assert model.engine.stats["batches"] > 0  # real batches counted, placeholders not
 
 
@@ -117,18 +118,22 @@ def test_tokenized_windows_prefetch_keeps_order(jax_model):
     assert [i for _, ids in got for i in ids] == jax_model.tokenizer.encode(texts)
 
 
-def test_a_cold_pass_compiles_its_first_shapes_ahead_and_only_once(tiny_ckpt, compiles):
+@pytest.mark.parametrize("per_layer", [True, False], ids=["per-layer", "scanned"])
+def test_a_cold_pass_compiles_its_first_shapes_ahead_and_only_once(tiny_ckpt, per_layer, compiles):
     """encode plans its first batches, compiles their new shapes together (in parallel), each once, and a
     second call compiles and warms nothing again; the numbers are those of the reference path."""
     model = EmbeddingGemma.from_pretrained(tiny_ckpt)
+    model.engine.per_layer = per_layer
     texts = _texts(200, seed=7)
-    before = compiles("jit(_forward)")
+    name = per_shape_program(model.engine)
+    before, total = compiles(name), compiles(FORWARD_PROGRAMS)
     first = model.encode(texts, batch_size=16)
-    compiled = compiles("jit(_forward)") - before
+    compiled = compiles(name) - before
     shapes = {shape for p, shape in model.engine.compiled}
     assert compiled == len(shapes) >= 2 and {p for p, _ in model.engine.compiled} == {"forward"}
+    every = compiles(FORWARD_PROGRAMS) - total
     calls = []
     original = model.engine.warmup
     model.engine.warmup = lambda *a, **k: calls.append(a) or original(*a, **k)
     np.testing.assert_array_equal(model.encode(texts, batch_size=16), first)
-    assert calls == [] and compiles("jit(_forward)") - before == compiled
+    assert calls == [] and compiles(FORWARD_PROGRAMS) - total == every

@@ -72,9 +72,12 @@ def test_layer_variants_match_torch_hidden_states(st_model, tiny_ckpt):
     }
     r = jax_model.engine
     shapes = len(r.batch_shapes([PROMPT + t for t in TEXTS], batch_size=4))  # batch shapes of this plan
-    before = r.states._cache_size()
+    # The program that compiles once per shape for the encoder alone: scanned, one per (shape, all_layers);
+    # per layer (the CPU's), the final norm, shared by both (the layer programs are too).
+    states = r.layers.final_norm if r.layerwise else r.scanned_states
+    before = states._cache_size()
     got = jax_model.embed_variants(TEXTS, variants, prompt=PROMPT, batch_size=4)
-    assert r.states._cache_size() - before == shapes  # one encoder program (all layers) for all five variants
+    assert states._cache_size() - before == shapes  # one encoder program (all layers) for all five variants
     for name, exp in expected.items():
         np.testing.assert_allclose(
             got[name], exp, rtol=0, atol=F32_ATOL * 10 if name == "user" else F32_ATOL, err_msg=name
@@ -88,13 +91,13 @@ def test_layer_variants_match_torch_hidden_states(st_model, tiny_ckpt):
     np.testing.assert_allclose(
         jax_model.encode(TEXTS, prompt=PROMPT, layers=2, batch_size=4), expected["layer2"], rtol=0, atol=F32_ATOL
     )
-    assert r.states._cache_size() - before == shapes
+    assert states._cache_size() - before == shapes
     # ... and a second one (returning only the final states) shared by every variant of the last layer
     user = jax_model.encode(TEXTS, prompt=PROMPT, pooling=PoolingSpec(sum_over_ten, head=False), batch_size=4)
     np.testing.assert_allclose(user, expected["user"], rtol=0, atol=F32_ATOL * 10)
     for mode in ("max", "cls", "weightedmean"):
         jax_model.encode(TEXTS, prompt=PROMPT, pooling=mode, batch_size=4)
-    assert r.states._cache_size() - before == 2 * shapes
+    assert states._cache_size() - before == (1 if r.layerwise else 2) * shapes
 
 
 def test_inspect_matches_reference_and_oracle(st_model, jax_model):
@@ -160,7 +163,7 @@ def test_capture_returns_only_what_is_asked(jax_model):
     probs_shape = (b, cfg.num_heads, t, t)
     stacked = (cfg.num_layers, b, t, cfg.hidden_size)
 
-    plain = _out_shapes(jax_model.engine.forward, jax_model.params, ids, mask, mask)
+    plain = _out_shapes(jax_model.engine.scanned_forward, jax_model.params, ids, mask, mask)
     assert probs_shape not in plain and stacked not in plain and len(plain) == 3
 
     r = jax_model.engine

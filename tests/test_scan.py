@@ -1,6 +1,7 @@
 """Layers compiled once: the encoder scans over its repeating group of layers (5 sliding + 1 full for the
-real model). The scanned and unrolled forms give the same numbers, per layer too, and both match the
-reference."""
+real model), or, on the CPU with one device, runs one layer per program call over views of the same stacked
+weights (embgemma_jax.layerwise). The scanned, per-layer and unrolled forms give the same numbers, per layer
+too, and match the reference."""
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +42,14 @@ def test_stack_round_trip(jax_model):
     assert "groups" in jax_model.params["encoder"] and "layer_0" not in jax_model.params["encoder"]
 
 
+@pytest.mark.parametrize("per_layer", [False, True], ids=["scanned", "per-layer"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_scan_equals_unrolled_and_reference(twelve_layer_ckpt, dtype):
+def test_scan_equals_unrolled_and_reference(twelve_layer_ckpt, dtype, per_layer):
     from sentence_transformers import SentenceTransformer
 
     model = EmbeddingGemma.from_pretrained(twelve_layer_ckpt, dtype=dtype)
+    model.engine.per_layer = per_layer
+    assert model.engine.layerwise == per_layer
     cfg = model.config
     assert layer_period(cfg) == 6 and cfg.num_layers == 12
     batch = model.tokenize(TEXTS)
@@ -82,3 +86,63 @@ def test_the_forward_program_holds_one_group(jax_model):
     ids = jnp.ones((2, 16), jnp.int32)
     jaxpr = str(jax.make_jaxpr(lambda p: jax_model.engine._forward(p, ids, ids, ids))(jax_model.params))
     assert "scan[" in jaxpr
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_per_layer_equals_scanned_on_every_layout(twelve_layer_ckpt, dtype):
+    """Per layer against scanned, both through the engine with the host-gathered rows, on rows short enough
+    for plain masks (one layer program for both kinds), long enough for the banded sliding layout (two), and
+    on packed rows: the same numbers, float32 to 1e-6 (bfloat16: the same bits or cosine >= 0.999)."""
+    model = EmbeddingGemma.from_pretrained(twelve_layer_ckpt, dtype=dtype)
+    engine = model.engine
+    texts = ["short", "a longer text about banded windows " * 6, "x " * 70]
+
+    def encode(per_layer: bool, **kw) -> np.ndarray:
+        engine.per_layer = per_layer
+        return model.encode(texts, batch_size=3, **kw)
+
+    for kw in ({}, {"token_budget": 256}):
+        a, b = encode(True, **kw), encode(False, **kw)
+        if dtype == "float32":
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+        else:
+            assert (np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min() >= 0.999
+    engine.per_layer = True
+    ids, mask = (np.asarray(x) for x in model.tokenize(texts).values())
+    out = model.forward(ids, mask, return_hidden_states=True)
+    engine.per_layer = False
+    want = model.forward(ids, mask, return_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_layers + 1
+    if dtype == "float32":
+        valid = mask.astype(bool)
+        for i, (x, y) in enumerate(zip(out.hidden_states, want.hidden_states, strict=True)):
+            x, y = np.asarray(x)[valid], np.asarray(y)[valid]
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-5 * max(1.0, np.abs(y).max()), err_msg=f"layer {i}")
+
+
+def test_per_layer_compiles_one_layer_program_and_aliases_the_weights(tiny_ckpt, compiles):
+    """A short batch shape compiles one layer program that serves sliding and full layers alike; a long one
+    (the banded sliding layout) two; every layer's weights are device arrays over the stacked buffers (no
+    copy, nothing held twice)."""
+    model = EmbeddingGemma.from_pretrained(tiny_ckpt)
+    engine = model.engine
+    assert engine.layerwise  # the CPU, one device
+    names = ("jit(_layer_given)", "jit(_layer)")
+    before = [compiles(n) for n in names]
+    model.encode(["a b c"])  # 16 tokens: plain masks
+    assert [compiles(n) - b for n, b in zip(names, before, strict=True)] == [1, 0]
+    model.encode(["word " * 40])  # 48 tokens: banded sliding layers (radius 8)
+    assert [compiles(n) - b for n, b in zip(names, before, strict=True)] == [2, 1]
+
+    program_params, _ = engine.split_table(model.params)
+    groups = program_params["encoder"]["groups"]
+    layers = engine.layers.layers(program_params["encoder"])
+    assert engine.layers.copied_bytes == 0
+    period = layer_period(model.config)
+    for i, layer in enumerate(layers):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(layer):
+            stack = groups[f"layer_{i % period}"]
+            for key in path:
+                stack = stack[key.key]
+            offset = leaf.unsafe_buffer_pointer() - stack.unsafe_buffer_pointer()
+            assert offset == (i // period) * leaf.nbytes, (i, path)
