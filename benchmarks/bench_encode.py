@@ -19,6 +19,10 @@ subprocess (so its peak RSS is its own) on the same texts, in one run, alternati
   jax-f32  embgemma_jax float32 (parity mode)
   jax-bf16 embgemma_jax bfloat16
   jax-int8 embgemma_jax weight-only int8 (bfloat16 compute)
+  jax-f32-scanned    embgemma_jax float32, every batch as one scanned program (``engine.per_layer = False``,
+                     the CPU's only form before embgemma_jax.layerwise); not in the defaults
+  jax-f32-per-layer  embgemma_jax float32, every batch per layer (``engine.per_layer = True``); not in the
+                     defaults (jax-f32 runs batches of at most 1024 padded tokens per layer, larger ones scanned)
 
 Two kinds of settings run per case:
 
@@ -153,10 +157,11 @@ def worker(args: argparse.Namespace) -> None:
     else:
         from embgemma_jax import EmbeddingGemma
 
-        dtype = {"jax-f32": "float32", "jax-bf16": "bfloat16", "jax-int8": "bfloat16"}[system]
+        dtype = {"jax-bf16": "bfloat16", "jax-int8": "bfloat16"}.get(system, "float32")
         model = EmbeddingGemma.from_pretrained(
             args.model, dtype=dtype, quantize="int8" if system == "jax-int8" else None
         )
+        model.engine.per_layer = {"jax-f32-scanned": False, "jax-f32-per-layer": True}.get(system)
 
         def run():
             return model.encode(texts, batch_size=args.jax_batch_size, token_budget=budget_or_none(args.token_budget))
@@ -404,7 +409,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown cases {unknown}; valid: {list(CASES)}")
     systems = [s for s in args.systems.split(",") if s]
-    unknown = sorted(set(systems) - set(SYSTEMS))
+    unknown = sorted(set(systems) - set(SYSTEMS) - {"jax-f32-scanned", "jax-f32-per-layer"})
     if unknown:
         raise SystemExit(f"unknown systems {unknown}; valid: {list(SYSTEMS)}")
     plan = settings(args)

@@ -8,11 +8,11 @@ Programs (each compiled once per input shape; :attr:`Engine.compiled` records ev
   * ``pool_head``: one pooling variant (:class:`~embgemma_jax.pooling.PoolingPlan`) over selected states.
   * ``capture``: the reference pipeline returning the intermediates a :class:`Capture` asks for.
 
-The first three run the encoder in one of two forms (:attr:`Engine.layerwise`): one program that scans over
-the repeating group of layers (``scanned_forward``, ... : accelerators and meshes), or, on the CPU backend
-with one device, one small program per layer call over views of the same weights
-(:mod:`embgemma_jax.layerwise`), which avoids the scan's per-step copy of the weights there and compiles a
-new shape faster.
+The first three run the encoder in one of two forms (:meth:`Engine.uses_layers`): one program that scans over
+the repeating group of layers (``scanned_forward``, ...: accelerators, meshes and large CPU batches), or, on
+the CPU backend with one device, one small program per layer call over views of the same weights
+(:mod:`embgemma_jax.layerwise`: small batches by default), which avoids the scan's per-step copy of the
+weights there, holds less memory and compiles a new shape faster.
 
 :meth:`Engine.embed` is the one loop from prompted texts to vectors: the batch planner
 (:mod:`embgemma_jax.batching`) pads the texts into batches (or, with a token budget, packs them into
@@ -115,6 +115,9 @@ def finish(x: np.ndarray, dim: int | None, normalize: bool) -> np.ndarray:
     return normalize_rows(x) if normalize else x
 
 
+# On the CPU with one device, batches of at most this many padded tokens run per layer (Engine.uses_layers).
+PER_LAYER_MAX_TOKENS = 1024
+
 # Batches planned ahead of the first dispatch, whose new shapes compile in parallel (see Engine._compile_ahead).
 COMPILE_AHEAD = 32
 
@@ -199,7 +202,7 @@ class Engine:
         self.scanned_states = jax.jit(self._states, static_argnames=("all_layers",))
         # The encoder one layer per program call (see embgemma_jax.layerwise): the CPU backend, one device.
         self.layers = LayerPrograms(config, dtype, attention_impl, self.module)
-        self.per_layer: bool | None = None  # None: per layer where available (see layerwise)
+        self.per_layer: bool | None = None  # None: small batches per layer (see uses_layers)
         self.pool_head = jax.jit(self._pool_head, static_argnames=("plan",))
         self.capture = jax.jit(self._capture, static_argnames=("capture",))
         self._lock = threading.Lock()
@@ -211,19 +214,28 @@ class Engine:
     # ------------------------------------------------------------------------------------------------
     # The programs
 
-    @property
-    def layerwise(self) -> bool:
-        """Whether the encoder runs one layer per program call (:mod:`embgemma_jax.layerwise`): on the CPU
-        backend with one device (no mesh), unless :attr:`per_layer` says otherwise. Otherwise the scanned
-        programs run (``scanned_forward``, ...)."""
-        if self.mesh is not None:
+    def uses_layers(self, rows: int, length: int) -> bool:
+        """Whether a batch of this shape runs the encoder one layer per program call
+        (:mod:`embgemma_jax.layerwise`) rather than as one scanned program (``scanned_forward``, ...).
+
+        Per layer only on the CPU backend with one device (no mesh). There :attr:`per_layer` decides: True
+        (every shape), False (none), or None, the default: batches of at most :data:`PER_LAYER_MAX_TOKENS`
+        padded tokens. Measured on the full-size model, float32 (``python benchmarks/probe_scan_copy.py``):
+        per layer a 16-token query takes 52 ms against 93 and 8 x 128 tokens tie, but from 4 x 640 tokens
+        the per-layer programs run 13-20% slower: each call allocates its own temporary buffers, which the
+        C library maps fresh from the kernel above 32 MiB, and the page faults cost more than the scan's
+        weight copy saves. They compile faster and hold less memory at every size, so ``per_layer=True``
+        is the choice where memory or start-up time counts more than throughput."""
+        if self.mesh is not None or jax.default_backend() != "cpu":
             return False
-        return jax.default_backend() == "cpu" if self.per_layer is None else bool(self.per_layer)
+        if self.per_layer is None:
+            return rows * length <= PER_LAYER_MAX_TOKENS
+        return bool(self.per_layer)
 
     def forward(self, params, ids, mask, pool_mask, embedded=None, *, return_hidden_states=False) -> EncoderOutput:
         """The reference pipeline on placed arrays (program parameters from :meth:`split_table`): encoder, mean
-        pool, dense head, L2 norm; per layer or as one scanned program (see :attr:`layerwise`)."""
-        if self.layerwise:
+        pool, dense head, L2 norm; per layer or as one scanned program (see :meth:`uses_layers`)."""
+        if self.uses_layers(*np.shape(ids)):
             return self.layers.forward(
                 params, ids, mask, pool_mask, embedded, return_hidden_states=return_hidden_states
             )
@@ -233,12 +245,12 @@ class Engine:
 
     def forward_packed(self, params, ids, segments, positions, embedded=None, *, num_segments: int) -> jax.Array:
         """The reference pipeline on packed rows: embeddings [rows * num_segments, E]."""
-        run = self.layers.forward_packed if self.layerwise else self.scanned_forward_packed
+        run = self.layers.forward_packed if self.uses_layers(*np.shape(ids)) else self.scanned_forward_packed
         return run(params, ids, segments, positions, embedded, num_segments=num_segments)
 
     def states(self, enc_params, ids, mask, embedded=None, *, all_layers: bool) -> tuple[jax.Array, ...]:
         """The encoder alone: the final-normed states, or all num_layers + 1 hidden states."""
-        run = self.layers.states if self.layerwise else self.scanned_states
+        run = self.layers.states if self.uses_layers(*np.shape(ids)) else self.scanned_states
         return run(enc_params, ids, mask, embedded, all_layers=all_layers)
 
     # ``embedded``: the table's rows for ``ids``, gathered on the host (see :meth:`split_table`), or None.
@@ -477,11 +489,10 @@ class Engine:
         shapes = sorted(set(shapes))
         params, table = self.split_table(params)
 
-        layerwise = self.layerwise
-
         def jobs(shape: tuple[Any, ...]) -> list[Callable[[], Any]]:
             """The compilations one shape needs: one program, or each per-layer program (see layerwise)."""
             rows, length = shape[:2]
+            layerwise = self.uses_layers(rows, length)
             ids = np.zeros((rows, length), np.int32)
             ones = np.ones((rows, length), np.int32)
             embedded = None if table is None else self.gather(table, ids)
@@ -519,7 +530,7 @@ class Engine:
         }
         with self._lock:
             new = {shape for shape in shapes if (program, tuple(shape[:2])) not in self.compiled}
-        if len(new) > 1 or (new and self.layerwise):  # per layer, even one shape is several programs
+        if len(new) > 1 or any(self.uses_layers(*shape[:2]) for shape in new):  # per layer: several programs
             self.warmup(params, new)
         yield from ahead
         yield from batches

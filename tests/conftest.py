@@ -55,13 +55,11 @@ FORWARD_PROGRAMS = (
 )
 
 
-def per_shape_program(engine, packed: bool = False) -> str:
-    """The jitted function that compiles exactly once per batch shape of the reference pipeline: the scanned
-    program, or the per-layer pipeline's tail (beside it, once per shape: ``_prepare`` and one or two layer
-    programs)."""
-    if engine.layerwise:
-        return "jit(_packed_tail)" if packed else "jit(_tail)"
-    return "jit(_forward_packed)" if packed else "jit(_forward)"
+def per_shape_program(packed: bool = False) -> tuple[str, str]:
+    """The jitted functions of which exactly one compiles per batch shape of the reference pipeline: the
+    scanned program, or the per-layer pipeline's tail (beside it, once per shape: ``_prepare`` and one or two
+    layer programs). Which one runs a shape is Engine.uses_layers's choice."""
+    return ("jit(_forward_packed)", "jit(_packed_tail)") if packed else ("jit(_forward)", "jit(_tail)")
 
 
 @pytest.fixture(scope="session")

@@ -113,6 +113,6 @@ def test_bucketing_bounds_compiles(tiny_ckpt):
 
 
 def jax_cache_size(model) -> int:
-    """Entries in the jit cache of the program that compiles once per batch shape."""
+    """Entries in the jit caches of the programs of which one compiles per batch shape (see uses_layers)."""
     engine = model.engine
-    return (engine.layers.tail if engine.layerwise else engine.scanned_forward)._cache_size()
+    return engine.layers.tail._cache_size() + engine.scanned_forward._cache_size()

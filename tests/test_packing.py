@@ -87,7 +87,7 @@ def test_warmup_compiles_every_shape_the_job_uses(tiny_ckpt, token_budget, per_l
     model.engine.per_layer = per_layer
     texts = _texts(150, seed=4)
     shapes = model.engine.batch_shapes(texts, batch_size=16, token_budget=token_budget)
-    name = per_shape_program(model.engine, packed=token_budget is not None)
+    name = per_shape_program(packed=token_budget is not None)
     attr = "forward" if token_budget is None else "forward_packed"
     program, calls = getattr(model.engine, attr), []
 
@@ -125,7 +125,7 @@ def test_a_cold_pass_compiles_its_first_shapes_ahead_and_only_once(tiny_ckpt, pe
     model = EmbeddingGemma.from_pretrained(tiny_ckpt)
     model.engine.per_layer = per_layer
     texts = _texts(200, seed=7)
-    name = per_shape_program(model.engine)
+    name = per_shape_program()
     before, total = compiles(name), compiles(FORWARD_PROGRAMS)
     first = model.encode(texts, batch_size=16)
     compiled = compiles(name) - before

@@ -71,10 +71,14 @@ def test_layer_variants_match_torch_hidden_states(st_model, tiny_ckpt):
         "user": PoolingSpec(sum_over_ten, head=False),
     }
     r = jax_model.engine
-    shapes = len(r.batch_shapes([PROMPT + t for t in TEXTS], batch_size=4))  # batch shapes of this plan
+    shape_set = r.batch_shapes([PROMPT + t for t in TEXTS], batch_size=4)  # batch shapes of this plan
+    shapes = len(shape_set)
     # The program that compiles once per shape for the encoder alone: scanned, one per (shape, all_layers);
-    # per layer (the CPU's), the final norm, shared by both (the layer programs are too).
-    states = r.layers.final_norm if r.layerwise else r.scanned_states
+    # per layer (the CPU's for batches this small), the final norm, shared by both (the layer programs too).
+    layerwise = {r.uses_layers(*shape) for shape in shape_set}
+    assert len(layerwise) == 1
+    layerwise = layerwise.pop()
+    states = r.layers.final_norm if layerwise else r.scanned_states
     before = states._cache_size()
     got = jax_model.embed_variants(TEXTS, variants, prompt=PROMPT, batch_size=4)
     assert states._cache_size() - before == shapes  # one encoder program (all layers) for all five variants
@@ -97,7 +101,7 @@ def test_layer_variants_match_torch_hidden_states(st_model, tiny_ckpt):
     np.testing.assert_allclose(user, expected["user"], rtol=0, atol=F32_ATOL * 10)
     for mode in ("max", "cls", "weightedmean"):
         jax_model.encode(TEXTS, prompt=PROMPT, pooling=mode, batch_size=4)
-    assert states._cache_size() - before == (1 if r.layerwise else 2) * shapes
+    assert states._cache_size() - before == (1 if layerwise else 2) * shapes
 
 
 def test_inspect_matches_reference_and_oracle(st_model, jax_model):

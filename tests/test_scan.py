@@ -49,7 +49,7 @@ def test_scan_equals_unrolled_and_reference(twelve_layer_ckpt, dtype, per_layer)
 
     model = EmbeddingGemma.from_pretrained(twelve_layer_ckpt, dtype=dtype)
     model.engine.per_layer = per_layer
-    assert model.engine.layerwise == per_layer
+    assert model.engine.uses_layers(3, 48) == per_layer
     cfg = model.config
     assert layer_period(cfg) == 6 and cfg.num_layers == 12
     batch = model.tokenize(TEXTS)
@@ -126,7 +126,7 @@ def test_per_layer_compiles_one_layer_program_and_aliases_the_weights(tiny_ckpt,
     copy, nothing held twice)."""
     model = EmbeddingGemma.from_pretrained(tiny_ckpt)
     engine = model.engine
-    assert engine.layerwise  # the CPU, one device
+    assert engine.uses_layers(1, 16)  # the CPU, one device, a small batch
     names = ("jit(_layer_given)", "jit(_layer)")
     before = [compiles(n) for n in names]
     model.encode(["a b c"])  # 16 tokens: plain masks
@@ -146,3 +146,24 @@ def test_per_layer_compiles_one_layer_program_and_aliases_the_weights(tiny_ckpt,
                 stack = stack[key.key]
             offset = leaf.unsafe_buffer_pointer() - stack.unsafe_buffer_pointer()
             assert offset == (i // period) * leaf.nbytes, (i, path)
+
+
+def test_the_cpu_runs_small_batches_per_layer_and_large_ones_scanned(tiny_ckpt, compiles):
+    """By default (per_layer None) a batch of at most PER_LAYER_MAX_TOKENS padded tokens runs per layer and a
+    larger one as the scanned program; both give the reference pipeline's numbers."""
+    from embgemma_jax.engine import PER_LAYER_MAX_TOKENS
+
+    model = EmbeddingGemma.from_pretrained(tiny_ckpt)
+    engine = model.engine
+    assert engine.per_layer is None
+    big = ["word " * 90] * 16  # 16 x 96 tokens > 1024
+    assert 16 * 96 > PER_LAYER_MAX_TOKENS >= 4 * 96
+    assert not engine.uses_layers(16, 96) and engine.uses_layers(4, 96)
+    before = compiles("jit(_forward)"), compiles("jit(_tail)")
+    large = model.encode(big, batch_size=16)
+    small = model.encode(big, batch_size=4)
+    assert (compiles("jit(_forward)") - before[0], compiles("jit(_tail)") - before[1]) == (1, 1)
+    np.testing.assert_allclose(large, small, rtol=0, atol=1e-6)
+    engine.per_layer = True
+    np.testing.assert_allclose(model.encode(big, batch_size=16), large, rtol=0, atol=1e-6)
+    assert compiles("jit(_tail)") - before[1] == 2
