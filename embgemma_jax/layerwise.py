@@ -2,8 +2,8 @@
 
 On the CPU the single scanned program (:class:`~embgemma_jax.model.Encoder` with ``scan_layers``) copies
 each group's slice of the stacked weights into a temporary buffer on every scan step: 4 copies of 106 MB
-per forward pass in float32, which took a lone 16-token query from 58 to 80-127 ms and put one group's
-weights into the program's temporary memory (``python benchmarks/probe_scan_copy.py``). Here the same
+per forward pass in float32, which puts one group's weights into the program's temporary memory (96.9 MiB
+for a 16-token query, ``python benchmarks/probe_scan_copy.py``). Here the same
 arithmetic runs as a chain of small programs instead:
 
   * ``prepare``: the embedding rows (gathered on the host or from a device table), scaled, and the
@@ -19,8 +19,9 @@ arithmetic runs as a chain of small programs instead:
 Every layer call gets that layer's weights as device arrays aliasing the stacked weights (NumPy views of the
 CPU buffers), so nothing is copied and nothing is held twice. A new input shape compiles one layer program
 (two for long rows) plus the small ends, where the scanned program compiles a 6-layer group in one piece
-(:meth:`LayerPrograms.compile_jobs`): a fresh process's first query 0.6-0.7 s against 1.35 s, a lone
-16-token query 42-47 ms against 84 (``python benchmarks/bench_first_query.py``). Numbers: the same
+(:meth:`LayerPrograms.compile_jobs`). A lone 16-token query takes 52 ms against 93 ms scanned
+(``python benchmarks/probe_scan_copy.py``). Each call allocates its own temporary buffers, which page-fault
+when large, so the engine runs only small batches this way by default (:meth:`Engine.uses_layers`). Numbers: the same
 operations per layer as the scanned and unrolled forms (tests compare them, and each against
 sentence-transformers).
 """
