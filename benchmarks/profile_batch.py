@@ -5,8 +5,10 @@
     python benchmarks/profile_batch.py --dtype float32 --shape 8x512 --model DIR
 
 Loads the checkpoint (default: the full-size random one that ``bench_encode.py`` builds), places one batch of
-``rows x tokens`` real tokens, runs the engine's ``forward`` program warm (best of 3 untraced), then once
-under ``jax.profiler.trace`` and sums the XLA op events by category from the compiled HLO, with the same
+``rows x tokens`` real tokens, runs the engine's ``forward`` warm (best of 3 untraced; ``--form``: what the
+engine picks for the shape, or every batch per layer or scanned, see ``Engine.uses_layers``), then once
+under ``jax.profiler.trace`` and sums the XLA op events by category from the compiled HLO (of the per-layer
+programs together, see ``profile_cpu.forward_hlo_text``), with the same
 categorizer as ``profile_cpu.py`` (dot fusions per einsum with their GFLOP/s, converts, transposes and
 copies, reductions, the scan's slices of the stacked weights, elementwise), plus the 8 costliest ops.
 """
@@ -26,7 +28,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from bench_encode import model_flops_per_text  # noqa: E402
-from profile_cpu import hlo_index, trace_summary  # noqa: E402
+from profile_cpu import forward_hlo_text, hlo_index, trace_summary  # noqa: E402
 
 
 def main() -> None:
@@ -34,6 +36,7 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=HERE / ".cache" / "random-full")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--shape", default="8x24", help="rows x tokens")
+    p.add_argument("--form", default="default", choices=["default", "per-layer", "scanned"])
     args = p.parse_args()
     rows, length = (int(x) for x in args.shape.lower().split("x"))
 
@@ -43,12 +46,13 @@ def main() -> None:
 
     model = EmbeddingGemma.from_pretrained(args.model, dtype=args.dtype)
     eng = model.engine
+    eng.per_layer = {"default": None, "per-layer": True, "scanned": False}[args.form]
     params, table = eng.split_table(model.params)
     ids = np.full((rows, length), 5, np.int32)
     mask = np.ones((rows, length), np.int32)
     d_ids, d_mask = eng.place("forward", ids, mask, count=False)
     emb = eng.gather(table, ids)
-    hlo = hlo_index(eng.forward.lower(params, d_ids, d_mask, d_mask, emb).compile().as_text())
+    hlo = hlo_index(forward_hlo_text(eng, params, d_ids, d_mask, emb))
 
     def run() -> float:
         t = time.perf_counter()
@@ -58,7 +62,8 @@ def main() -> None:
     run()
     best = min(run() for _ in range(3))
     gflop = rows * model_flops_per_text(length, model.config) / 1e9
-    print(f"{args.dtype} {rows}x{length}: best {best:.3f} s, model {gflop / best:.0f} GFLOP/s")
+    form = "per layer" if eng.uses_layers(rows, length) else "scanned"
+    print(f"{args.dtype} {rows}x{length} ({form}): best {best:.3f} s, model {gflop / best:.0f} GFLOP/s")
     trace_dir = Path(tempfile.mkdtemp(prefix="embgemma-batch-profile-"))
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         wall = run()

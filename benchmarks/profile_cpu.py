@@ -12,16 +12,18 @@ full-size random checkpoint (``benchmarks/.cache/random-full``, built once). Per
               to a power of two (= the engine's device tokens, checked against ``engine.stats``); and the
               reference's own plan (sorted by characters, each batch padded to its longest text)
   compile     the cold pass minus the warm pass, the programs compiled (``engine.compiled``), and per
-              shape the time to trace+lower and to compile ``engine.forward`` again ahead of time
+              shape the time to trace+lower and to compile the scanned program (``engine._forward``)
+              again ahead of time
   host        ``Tokenizer.encode`` of all texts alone; one warm encode with the engine's tokenizer,
               ``place`` and ``forward`` dispatch wrapped in timers, and the gaps between dispatches;
               every batch of the plan run alone (``block_until_ready``), summed: the device time, so
               encode wall - device time = what the host adds
   xla         one warm batch (the batch holding the median-length text) under
               ``jax.profiler.trace(create_perfetto_trace=True)``; XLA op events (names of instructions in
-              the compiled HLO, control flow excluded) summed by category from the HLO of each op: the
-              dot/matmul fusions, transposes/copies, reductions, gathers, slices of the scanned layer
-              weights, elementwise
+              the compiled HLO of what ``engine.forward`` runs for that shape: the scanned program or the
+              per-layer programs, see ``forward_hlo_text``; control flow excluded) summed by category
+              from the HLO of each op: the dot/matmul fusions, transposes/copies, reductions, gathers,
+              slices of the scanned layer weights, elementwise
   matmul peak float32 and bfloat16 GFLOP/s of a 2048^3 JAX matmul, measured in the same run
 
 Results: JSON (``--out``) and a markdown summary on stdout. Other processes on the machine change the
@@ -294,6 +296,18 @@ def matmul_peak(size: int = 2048, reps: int = 5) -> dict[str, float]:
     return out
 
 
+def forward_hlo_text(eng, params, d_ids, d_mask, rows=None) -> str:
+    """The compiled HLO of what ``eng.forward`` runs for this batch shape: the scanned program, or on the CPU
+    for batches that run per layer (``Engine.uses_layers``) the per-layer programs' modules one after
+    another, the layer programs last. The trace's op events name HLO instructions, not their program, so
+    where two programs share an instruction name the last module's wins: the layer programs, which run 24
+    times per pass, against the prepare and tail programs' few ops."""
+    if not eng.uses_layers(*np.shape(d_ids)):
+        return eng.scanned_forward.lower(params, d_ids, d_mask, d_mask, rows).compile().as_text()
+    texts = [job().as_text() for job in eng.layers.compile_jobs(params, d_ids, d_mask, rows)]
+    return "\n".join([texts[0], texts[-1], *texts[1:-1]])  # prepare, tail, then the layer programs
+
+
 def run_batch(eng, params, d_ids, d_mask, rows=None) -> float:
     """Seconds of one synchronous forward of a placed batch (``rows``: the host-gathered table rows when the
     table stays on the host, see ``Engine.split_table``; ``params`` then without the table)."""
@@ -412,12 +426,12 @@ def profile_one(model, texts: list[str], batch_size: int, trace_root: Path, cfg)
     idx, b = next((i, b) for i, b in batches if median_text in set(i.tolist()))
     d_ids, d_mask = eng.place("forward", b["input_ids"], b["attention_mask"])
     rows_in = eng.gather(table, b["input_ids"])
-    lowered = eng.forward.lower(params, d_ids, d_mask, d_mask, rows_in)
-    hlo = hlo_index(lowered.compile().as_text())
+    hlo_text = forward_hlo_text(eng, params, d_ids, d_mask, rows_in)
+    hlo = hlo_index(hlo_text)
     run_batch(eng, params, d_ids, d_mask, rows_in)  # warm
     warm_batch_s = min(run_batch(eng, params, d_ids, d_mask, rows_in) for _ in range(2))
     trace_dir = Path(tempfile.mkdtemp(dir=trace_root))
-    (trace_dir / "forward.hlo.txt").write_text(lowered.compile().as_text())
+    (trace_dir / "forward.hlo.txt").write_text(hlo_text)
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         traced_s = run_batch(eng, params, d_ids, d_mask, rows_in)
     rows, length = b["input_ids"].shape

@@ -128,8 +128,12 @@ class LayerPrograms:
     def layers(self, encoder_params: dict[str, Any]) -> list[Any]:
         """Layer i's parameters as device arrays over the stacked weights' memory (``encoder/groups``, entry
         g of ``layer_j`` is layer g * period + j): NumPy views of the CPU buffers, placed without a copy.
-        A leaf whose view cannot alias (XLA's alignment) is copied, and counted in :attr:`copied_bytes`.
-        Cached for the last stacked tree."""
+        bfloat16 layers are bfloat16 views again: the scanned program needs its stacks as uint16 bits (see
+        :func:`~embgemma_jax.model.from_bits`), but one layer's weights as bits cost a converting copy inside
+        each call (``python benchmarks/probe_bf16_views.py``: the same bits, and 8 x 16 tokens run 1.16x
+        slower on bits). A leaf whose view
+        cannot alias (XLA's alignment) is copied, and counted in :attr:`copied_bytes`. Cached for the last
+        stacked tree."""
         groups = encoder_params["groups"]
         with self._lock:
             if self._views is not None and self._views[0] is groups:
@@ -141,6 +145,8 @@ class LayerPrograms:
             def place(stack: np.ndarray, g: int) -> jax.Array:
                 nonlocal copied
                 view = stack[g]
+                if view.dtype == np.uint16:  # a bfloat16 stack passed as its bits (engine._bits_view): bfloat16 again
+                    view = view.view(jnp.bfloat16)
                 out = jax.device_put(view)
                 if not _aliases(out, stack):
                     copied += view.nbytes

@@ -148,6 +148,52 @@ def test_per_layer_compiles_one_layer_program_and_aliases_the_weights(tiny_ckpt,
             assert offset == (i // period) * leaf.nbytes, (i, path)
 
 
+def test_bfloat16_layers_are_bfloat16_views_of_the_bit_stacks(tiny_ckpt):
+    """The scanned program gets a bfloat16 model's stacks as uint16 bits; the per-layer weights are bfloat16
+    views over the same memory (bits as parameters cost a converting copy in every layer call), and the
+    per-layer form gives the scanned form's numbers."""
+    model = EmbeddingGemma.from_pretrained(tiny_ckpt, dtype="bfloat16")
+    engine = model.engine
+    program_params, table = engine.split_table(model.params)
+    groups = program_params["encoder"]["groups"]
+    layers = engine.layers.layers(program_params["encoder"])
+    assert engine.layers.copied_bytes == 0
+    period = layer_period(model.config)
+    big = 0
+    for i, layer in enumerate(layers):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(layer):
+            stack = groups[f"layer_{i % period}"]
+            for key in path:
+                stack = stack[key.key]
+            assert stack.dtype == jnp.uint16 and leaf.dtype == jnp.bfloat16, (i, path, stack.dtype, leaf.dtype)
+            offset = leaf.unsafe_buffer_pointer() - stack.unsafe_buffer_pointer()
+            assert offset == (i // period) * leaf.nbytes, (i, path)
+            big += leaf.size > 1000
+    assert big > 0
+
+    # The same bits as the layers given their weights as uint16 bits, which the layer converts back.
+    bits = [jax.tree_util.tree_map(lambda a: jax.device_put(np.asarray(a).view(np.uint16)), layer) for layer in layers]
+    lp = engine.layers
+    host_ids = np.full((2, 16), 7, np.int32)
+    ids, mask = engine.place("forward", host_ids, np.ones((2, 16), np.int32), count=False)
+    embedded = engine.gather(table, host_ids)
+    x0, given = lp.prepare(lp.table_params(program_params["encoder"], embedded), ids, mask, None, embedded)
+    outs = []
+    for weights in (layers, bits):
+        x = x0
+        for w, layer_type in zip(weights, model.config.layer_types, strict=True):
+            x = lp.layer_given(w, x, *given["full" if layer_type == "full_attention" else "sliding"])
+        outs.append(np.asarray(x.astype(jnp.float32)))
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+    engine.per_layer = True
+    per_layer = model.encode(TEXTS)
+    engine.per_layer = False
+    scanned = model.encode(TEXTS)
+    cos = np.sum(per_layer * scanned, axis=-1)
+    assert np.all(cos >= 0.999), cos  # bfloat16 across program boundaries, as the other layout tests
+
+
 def test_the_cpu_runs_small_batches_per_layer_and_large_ones_scanned(tiny_ckpt, compiles):
     """By default (per_layer None) a batch of at most PER_LAYER_MAX_TOKENS padded tokens runs per layer and a
     larger one as the scanned program; both give the reference pipeline's numbers."""
