@@ -115,7 +115,8 @@ def finish(x: np.ndarray, dim: int | None, normalize: bool) -> np.ndarray:
     return normalize_rows(x) if normalize else x
 
 
-# On the CPU with one device, batches of at most this many padded tokens run per layer (Engine.uses_layers).
+# On the CPU with one device, batches of at most this many padded tokens run per layer, and so do rows of
+# banded sliding attention (Engine.uses_layers).
 PER_LAYER_MAX_TOKENS = 1024
 
 # Batches planned ahead of the first dispatch, whose new shapes compile in parallel (see Engine._compile_ahead).
@@ -220,16 +221,24 @@ class Engine:
 
         Per layer only on the CPU backend with one device (no mesh). There :attr:`per_layer` decides: True
         (every shape), False (none), or None, the default: batches of at most :data:`PER_LAYER_MAX_TOKENS`
-        padded tokens. Measured on the full-size model, float32 (``python benchmarks/probe_scan_copy.py``):
-        per layer a 16-token query takes 52 ms against 93 and 8 x 128 tokens tie, but from 4 x 640 tokens
-        the per-layer programs run 13-20% slower: each call allocates its own temporary buffers, which the
-        C library maps fresh from the kernel above 32 MiB, and the page faults cost more than the scan's
-        weight copy saves. They compile faster and hold less memory at every size, so ``per_layer=True``
-        is the choice where memory or start-up time counts more than throughput."""
+        padded tokens, and rows long enough for banded sliding attention (``masks.use_banded``: 768 tokens
+        for EmbeddingGemma). Measured on the full-size model, float32:
+
+          * a 16-token query takes 52 ms per layer against 93 ms scanned and 8 x 128 tokens tie
+            (``python benchmarks/probe_scan_copy.py``);
+          * from 4 x 640 tokens the per-layer programs of plain masks run 13-20% slower: each call allocates
+            its own temporary buffers, which the C library maps fresh from the kernel above 32 MiB, and the
+            page faults cost more than the scan's weight copy saves;
+          * on long rows the per-layer programs that build banded masks use XLA's own CPU kernels in float32,
+            1.1-1.3x faster there than YNNPACK's (``python benchmarks/probe_cpu_kernels.py``, see
+            :func:`~embgemma_jax.layerwise.xla_kernel_options`), and hold less memory than the scan.
+
+        ``per_layer=True`` also suits middle-sized batches where memory or start-up time counts more than
+        throughput: the per-layer programs compile faster and hold less memory at every size."""
         if self.mesh is not None or jax.default_backend() != "cpu":
             return False
         if self.per_layer is None:
-            return rows * length <= PER_LAYER_MAX_TOKENS
+            return rows * length <= PER_LAYER_MAX_TOKENS or self.layers.builds_masks(length)
         return bool(self.per_layer)
 
     def forward(self, params, ids, mask, pool_mask, embedded=None, *, return_hidden_states=False) -> EncoderOutput:

@@ -194,22 +194,53 @@ def test_bfloat16_layers_are_bfloat16_views_of_the_bit_stacks(tiny_ckpt):
     assert np.all(cos >= 0.999), cos  # bfloat16 across program boundaries, as the other layout tests
 
 
-def test_the_cpu_runs_small_batches_per_layer_and_large_ones_scanned(tiny_ckpt, compiles):
-    """By default (per_layer None) a batch of at most PER_LAYER_MAX_TOKENS padded tokens runs per layer and a
-    larger one as the scanned program; both give the reference pipeline's numbers."""
+def test_the_cpu_runs_small_batches_and_long_rows_per_layer_and_the_rest_scanned(tiny_ckpt, compiles):
+    """By default (per_layer None) a batch of at most PER_LAYER_MAX_TOKENS padded tokens runs per layer, and so
+    do rows long enough for banded sliding attention (24 tokens for the tiny model's radius 8); a larger batch
+    of shorter rows runs as the scanned program. All give the reference pipeline's numbers."""
     from embgemma_jax.engine import PER_LAYER_MAX_TOKENS
 
     model = EmbeddingGemma.from_pretrained(tiny_ckpt)
     engine = model.engine
     assert engine.per_layer is None
-    big = ["word " * 90] * 16  # 16 x 96 tokens > 1024
-    assert 16 * 96 > PER_LAYER_MAX_TOKENS >= 4 * 96
-    assert not engine.uses_layers(16, 96) and engine.uses_layers(4, 96)
+    short = ["word " * 5] * 128  # 13 tokens, rows of 16: plain masks
+    assert 128 * 16 > PER_LAYER_MAX_TOKENS >= 8 * 16
+    assert not engine.uses_layers(128, 16) and engine.uses_layers(8, 16)
+    assert engine.uses_layers(16, 96) and engine.layers.builds_masks(96) and not engine.layers.builds_masks(16)
     before = compiles("jit(_forward)"), compiles("jit(_tail)")
-    large = model.encode(big, batch_size=16)
-    small = model.encode(big, batch_size=4)
+    large = model.encode(short, batch_size=128)
+    small = model.encode(short, batch_size=8)
     assert (compiles("jit(_forward)") - before[0], compiles("jit(_tail)") - before[1]) == (1, 1)
     np.testing.assert_allclose(large, small, rtol=0, atol=1e-6)
     engine.per_layer = True
-    np.testing.assert_allclose(model.encode(big, batch_size=16), large, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(model.encode(short, batch_size=128), large, rtol=0, atol=1e-6)
     assert compiles("jit(_tail)") - before[1] == 2
+
+    engine.per_layer = None
+    long_rows = ["word " * 90] * 16  # 16 x 96 tokens: banded sliding layers, per layer
+    before = compiles("jit(_forward)"), compiles("jit(_layer)")
+    per_layer = model.encode(long_rows, batch_size=16)
+    assert compiles("jit(_forward)") == before[0] and compiles("jit(_layer)") > before[1]
+    engine.per_layer = False
+    np.testing.assert_allclose(model.encode(long_rows, batch_size=16), per_layer, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_long_row_layer_programs_use_xla_kernels_in_float32(tiny_ckpt, dtype):
+    """In float32 on the CPU the layer programs of long rows (own banded masks) compile with XLA's own
+    kernels, no YNNPACK fusions; the short-row program keeps them, and bfloat16 keeps them everywhere."""
+    model = EmbeddingGemma.from_pretrained(tiny_ckpt, dtype=dtype)
+    engine = model.engine
+    params, table = engine.split_table(model.params)
+
+    def layer_hlo(length: int) -> dict[str, str]:
+        ids = np.full((2, length), 7, np.int32)
+        d_ids, d_mask = engine.place("forward", ids, np.ones_like(ids), count=False)
+        jobs = engine.layers.compile_jobs(params, d_ids, d_mask, engine.gather(table, ids))
+        texts = [job().as_text() for job in jobs[1:-1]]  # the layer programs
+        return {text.split(",", 1)[0].removeprefix("HloModule "): text for text in texts}
+
+    short, long = layer_hlo(16), layer_hlo(96)
+    assert list(short) == ["jit__layer_given"] and "__ynn_fusion" in short["jit__layer_given"]
+    assert "jit__layer" in long  # the banded sliding layers build their masks
+    assert ("__ynn_fusion" in long["jit__layer"]) == (dtype == "bfloat16")
