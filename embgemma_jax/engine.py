@@ -224,7 +224,7 @@ class Engine:
         padded tokens, and rows long enough for banded sliding attention (``masks.use_banded``: 768 tokens
         for EmbeddingGemma). Measured on the full-size model, float32:
 
-          * a 16-token query takes 52 ms per layer against 93 ms scanned and 8 x 128 tokens tie
+          * a 16-token query takes 46 ms per layer against 87 ms scanned, 8 x 128 tokens 1.15 against 1.25 s
             (``python benchmarks/probe_scan_copy.py``);
           * from 4 x 640 tokens the per-layer programs of plain masks run 13-20% slower: each call allocates
             its own temporary buffers, which the C library maps fresh from the kernel above 32 MiB, and the
