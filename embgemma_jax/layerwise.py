@@ -18,8 +18,7 @@ arithmetic runs as a chain of small programs instead:
 
 Every layer call gets that layer's weights as device arrays aliasing the stacked weights (NumPy views of the
 CPU buffers; bfloat16 ones as bfloat16, not as the uint16 bits the scanned program takes), so nothing is
-copied and nothing is held twice. A pass that keeps no hidden states runs the layer programs that write their
-output over their input (``*_in_place``, the input donated). A new input shape compiles one layer program
+copied and nothing is held twice. A new input shape compiles one layer program
 (two for long rows) plus the small ends, where the scanned program compiles a 6-layer group in one piece
 (:meth:`LayerPrograms.compile_jobs`). A lone 16-token query takes 46 ms against 87 ms scanned
 (``python benchmarks/probe_scan_copy.py``). Each call allocates its own temporary buffers, which page-fault
@@ -86,10 +85,6 @@ class LayerPrograms:
         self.prepare = jax.jit(self._prepare)
         self.layer_given = jax.jit(self._layer_given)
         self.layer = jax.jit(self._layer, static_argnames=("layer_type",), **long_rows)
-        # The same layer programs writing their output over their input (x donated), for the passes that keep
-        # no hidden states: a pass then allocates no output buffer per layer.
-        self.layer_given_in_place = jax.jit(self._layer_given, donate_argnums=1)
-        self.layer_in_place = jax.jit(self._layer, static_argnames=("layer_type",), donate_argnums=1, **long_rows)
         self.tail = jax.jit(self._tail)
         self.packed_tail = jax.jit(self._packed_tail, static_argnames=("num_segments",))
         self.final_norm = jax.jit(self._final_norm)
@@ -197,11 +192,6 @@ class LayerPrograms:
             return False
         return self.attention_impl == "banded" or use_banded(length, self.config.window_radius)
 
-    def programs(self, keep: bool) -> tuple[Any, Any]:
-        """The (given-mask, own-mask) layer programs of a pass: with ``keep`` (every layer's output kept) the
-        plain ones, else those that write over their input."""
-        return (self.layer_given, self.layer) if keep else (self.layer_given_in_place, self.layer_in_place)
-
     def encode(
         self, encoder_params: dict[str, Any], ids: Any, mask: Any, packing: Packing | None, embedded: Any, keep: bool
     ) -> tuple[jax.Array, list[jax.Array] | None]:
@@ -210,13 +200,12 @@ class LayerPrograms:
         layers = self.layers(encoder_params)
         x, given = self.prepare(self.table_params(encoder_params, embedded), ids, mask, packing, embedded)
         states = [x] if keep else None
-        layer_given, layer = self.programs(keep)
         for params, layer_type in zip(layers, self.config.layer_types, strict=True):
             kind = _kind(layer_type)
             if kind in given:
-                x = layer_given(params, x, *given[kind])
+                x = self.layer_given(params, x, *given[kind])
             else:
-                x = layer(params, x, mask, packing, layer_type=layer_type)
+                x = self.layer(params, x, mask, packing, layer_type=layer_type)
             if states is not None:
                 states.append(x)
         return x, states
@@ -256,30 +245,27 @@ class LayerPrograms:
         embedded: Any,
         segments: int | None = None,
         layers: list[Any] | None = None,
-        keep: bool = False,
     ) -> list[Callable[[], Any]]:
         """One ahead-of-time compilation per program a forward pass of this shape runs (the reference
         pipeline: padded rows, or packed rows of ``segments`` texts with ``mask`` their segment ids), to run
         in parallel; nothing runs on the device. The arguments are placed placeholder arrays of the shape (or
-        ``jax.ShapeDtypeStruct``s, with ``layers`` the per-layer parameters as such). ``keep``: the layer programs
-        of a pass that keeps every layer's output (see :meth:`programs`)."""
+        ``jax.ShapeDtypeStruct``s, with ``layers`` the per-layer parameters as such)."""
         enc = params["encoder"]
         layers = self.layers(enc) if layers is None else layers
         packing = None if segments is None else Packing(mask, mask)
         table = self.table_params(enc, embedded)
         x, given = jax.eval_shape(self._prepare, table, ids, mask, packing, embedded)
-        layer_given, layer = self.programs(keep)
         jobs: list[Callable[[], Any]] = [lambda: self.prepare.lower(table, ids, mask, packing, embedded).compile()]
         if given:
             kind, inputs = next(iter(given.items()))
             i = next(i for i, t in enumerate(self.config.layer_types) if _kind(t) == kind)
-            jobs.append(lambda: layer_given.lower(layers[i], x, *inputs).compile())
+            jobs.append(lambda: self.layer_given.lower(layers[i], x, *inputs).compile())
         own = {}
         for i, layer_type in enumerate(self.config.layer_types):
             if _kind(layer_type) not in given:
                 own.setdefault(layer_type, i)
         for layer_type, i in own.items():
-            jobs.append(lambda i=i, t=layer_type: layer.lower(layers[i], x, mask, packing, layer_type=t).compile())
+            jobs.append(lambda i=i, t=layer_type: self.layer.lower(layers[i], x, mask, packing, layer_type=t).compile())
         if segments is None:
             jobs.append(lambda: self.tail.lower(params["head"], enc["final_norm"], x, mask).compile())
         else:
