@@ -224,9 +224,9 @@ class Engine:
         padded tokens, and rows long enough for banded sliding attention (``masks.use_banded``: 768 tokens
         for EmbeddingGemma). Measured on the full-size model, float32:
 
-          * a 16-token query takes 46 ms per layer against 87 ms scanned, 8 x 128 tokens 1.15 against 1.25 s
+          * a 16-token query takes 49 ms per layer against 89 ms scanned, 8 x 128 tokens 1.23 against 1.22 s
             (``python benchmarks/probe_scan_copy.py``);
-          * from 4 x 640 tokens the per-layer programs of plain masks run 13-20% slower: each call allocates
+          * from 4 x 640 tokens the per-layer programs of plain masks run 12-20% slower: each call allocates
             its own temporary buffers, which the C library maps fresh from the kernel above 32 MiB, and the
             page faults cost more than the scan's weight copy saves;
           * on long rows the per-layer programs that build banded masks use XLA's own CPU kernels in float32,

@@ -20,7 +20,7 @@ Every layer call gets that layer's weights as device arrays aliasing the stacked
 CPU buffers; bfloat16 ones as bfloat16, not as the uint16 bits the scanned program takes), so nothing is
 copied and nothing is held twice. A new input shape compiles one layer program
 (two for long rows) plus the small ends, where the scanned program compiles a 6-layer group in one piece
-(:meth:`LayerPrograms.compile_jobs`). A lone 16-token query takes 46 ms against 87 ms scanned
+(:meth:`LayerPrograms.compile_jobs`). A lone 16-token query takes 49 ms against 89 ms scanned
 (``python benchmarks/probe_scan_copy.py``). Each call allocates its own temporary buffers, which page-fault
 when large; the engine runs small batches and long rows this way by default, middle-sized batches scanned
 (:meth:`Engine.uses_layers`). In float32 the programs of long rows use XLA's own CPU kernels rather than
