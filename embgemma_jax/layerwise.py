@@ -18,8 +18,8 @@ arithmetic runs as a chain of small programs instead:
 
 Every layer call gets that layer's weights as device arrays aliasing the stacked weights (NumPy views of the
 CPU buffers; bfloat16 ones as bfloat16, not as the uint16 bits the scanned program takes), so nothing is
-copied and nothing is held twice. A new input shape compiles one layer program
-(two for long rows) plus the small ends, where the scanned program compiles a 6-layer group in one piece
+copied and nothing is held twice. A new input shape compiles one layer program (two for long rows) plus the
+small ends, where the scanned program compiles a 6-layer group in one piece
 (:meth:`LayerPrograms.compile_jobs`). A lone 16-token query takes 49 ms against 89 ms scanned
 (``python benchmarks/probe_scan_copy.py``). Each call allocates its own temporary buffers, which page-fault
 when large; the engine runs small batches and long rows this way by default, middle-sized batches scanned
@@ -146,9 +146,8 @@ class LayerPrograms:
         bfloat16 layers are bfloat16 views again: the scanned program needs its stacks as uint16 bits (see
         :func:`~embgemma_jax.model.from_bits`), but one layer's weights as bits cost a converting copy inside
         each call (``python benchmarks/probe_bf16_views.py``: the same bits, and 8 x 16 tokens run 1.16x
-        slower on bits). A leaf whose view
-        cannot alias (XLA's alignment) is copied, and counted in :attr:`copied_bytes`. Cached for the last
-        stacked tree."""
+        slower on bits). A leaf whose view cannot alias (XLA's alignment) is copied, and counted in
+        :attr:`copied_bytes`. Cached for the last stacked tree."""
         groups = encoder_params["groups"]
         with self._lock:
             if self._views is not None and self._views[0] is groups:
