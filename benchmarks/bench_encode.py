@@ -22,7 +22,8 @@ subprocess (so its peak RSS is its own) on the same texts, in one run, alternati
   jax-f32-scanned    embgemma_jax float32, every batch as one scanned program (``engine.per_layer = False``,
                      the CPU's only form before embgemma_jax.layerwise); not in the defaults
   jax-f32-per-layer  embgemma_jax float32, every batch per layer (``engine.per_layer = True``); not in the
-                     defaults (jax-f32 runs batches of at most 1024 padded tokens per layer, larger ones scanned)
+                     defaults (jax-f32 runs batches of at most 1024 padded tokens and rows of banded sliding
+                     attention per layer, the rest scanned: ``Engine.uses_layers``)
 
 Two kinds of settings run per case:
 
@@ -64,6 +65,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SYSTEMS = ("st-f32", "jax-f32", "st-bf16", "jax-bf16", "jax-int8")
+FORM_SYSTEMS = ("jax-f32-scanned", "jax-f32-per-layer")  # jax-f32 with Engine.per_layer False / True
 CASES = {
     # name: (target tokens low, high, default count)
     "queries": (16, 16, 512),
@@ -409,9 +411,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown cases {unknown}; valid: {list(CASES)}")
     systems = [s for s in args.systems.split(",") if s]
-    unknown = sorted(set(systems) - set(SYSTEMS) - {"jax-f32-scanned", "jax-f32-per-layer"})
+    unknown = sorted(set(systems) - set(SYSTEMS) - set(FORM_SYSTEMS))
     if unknown:
-        raise SystemExit(f"unknown systems {unknown}; valid: {list(SYSTEMS)}")
+        raise SystemExit(f"unknown systems {unknown}; valid: {list(SYSTEMS + FORM_SYSTEMS)}")
     plan = settings(args)
     if not plan:
         raise SystemExit("nothing to run: --no-throughput and no --same-batch sizes")

@@ -10,8 +10,8 @@ XLA's CPU backend hands dots, reductions and elementwise chains to YNNPACK ("lib
 this compiles, with and without that option, one sliding and one full layer program of
 :mod:`embgemma_jax.layerwise` (the per-layer form) and the scanned forward program (``Engine._forward``),
 and times them (best of ``--calls``, the variants alternating), with the largest difference of each program's
-output against the default's. The engine uses XLA's kernels in float32 and YNNPACK in bfloat16
-(``layerwise.encoder_compiler_options``). Writes benchmarks/results/probe_cpu_kernels.json.
+output against the default's. The engine uses XLA's kernels for the float32 layer programs of long rows
+and YNNPACK everywhere else (``layerwise.xla_kernel_options``). Writes benchmarks/results/probe_cpu_kernels.json.
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@ Programs (each compiled once per input shape; :attr:`Engine.compiled` records ev
   * ``capture``: the reference pipeline returning the intermediates a :class:`Capture` asks for.
 
 The first three run the encoder in one of two forms (:meth:`Engine.uses_layers`): one program that scans over
-the repeating group of layers (``scanned_forward``, ...: accelerators, meshes and large CPU batches), or, on
-the CPU backend with one device, one small program per layer call over views of the same weights
-(:mod:`embgemma_jax.layerwise`: small batches by default), which avoids the scan's per-step copy of the
-weights there, holds less memory and compiles a new shape faster.
+the repeating group of layers (``scanned_forward``, ...: accelerators, meshes and middle-sized CPU batches),
+or, on the CPU backend with one device, one small program per layer call over views of the same weights
+(:mod:`embgemma_jax.layerwise`: small batches and long rows by default), which avoids the scan's per-step
+copy of the weights there, holds less memory and compiles a new shape faster.
 
 :meth:`Engine.embed` is the one loop from prompted texts to vectors: the batch planner
 (:mod:`embgemma_jax.batching`) pads the texts into batches (or, with a token budget, packs them into
@@ -203,7 +203,7 @@ class Engine:
         self.scanned_states = jax.jit(self._states, static_argnames=("all_layers",))
         # The encoder one layer per program call (see embgemma_jax.layerwise): the CPU backend, one device.
         self.layers = LayerPrograms(config, dtype, attention_impl, self.module)
-        self.per_layer: bool | None = None  # None: small batches per layer (see uses_layers)
+        self.per_layer: bool | None = None  # None: small batches and long rows per layer (see uses_layers)
         self.pool_head = jax.jit(self._pool_head, static_argnames=("plan",))
         self.capture = jax.jit(self._capture, static_argnames=("capture",))
         self._lock = threading.Lock()
@@ -221,8 +221,8 @@ class Engine:
 
         Per layer only on the CPU backend with one device (no mesh). There :attr:`per_layer` decides: True
         (every shape), False (none), or None, the default: batches of at most :data:`PER_LAYER_MAX_TOKENS`
-        padded tokens, and rows long enough for banded sliding attention (``masks.use_banded``: 768 tokens
-        for EmbeddingGemma). Measured on the full-size model, float32:
+        padded tokens, and rows long enough for banded sliding attention (``model.sliding_is_banded``: 768
+        tokens for EmbeddingGemma). Measured on the full-size model, float32:
 
           * a 16-token query takes 49 ms per layer against 89 ms scanned, 8 x 128 tokens 1.23 against 1.22 s
             (``python benchmarks/probe_scan_copy.py``);

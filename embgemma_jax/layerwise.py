@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from embgemma_jax.config import EmbeddingGemmaConfig
-from embgemma_jax.masks import BandedMask, QueryChunks, use_banded
+from embgemma_jax.masks import BandedMask, QueryChunks
 from embgemma_jax.model import (
     Block,
     EmbeddingGemmaModule,
@@ -50,6 +50,7 @@ from embgemma_jax.model import (
     _masks_and_ropes,
     embed_tokens,
     layer_period,
+    sliding_is_banded,
 )
 
 
@@ -184,12 +185,10 @@ class LayerPrograms:
     # Running
 
     def builds_masks(self, length: int) -> bool:
-        """Whether rows of this length run layer programs that build their own (banded or chunked) masks,
-        the ones compiled with :func:`xla_kernel_options`: the sliding layers' banded layout (from 3 x the
-        window radius, 768 tokens for EmbeddingGemma, with ``attention_impl`` "auto"; always with "banded")."""
-        if self.attention_impl == "dense":
-            return False
-        return self.attention_impl == "banded" or use_banded(length, self.config.window_radius)
+        """Whether the sliding layers of rows of this length run the layer program that builds its own
+        (banded) masks, the one compiled with :func:`xla_kernel_options` (``model.sliding_is_banded``: from
+        3 x the window radius, 768 tokens for EmbeddingGemma, with ``attention_impl`` "auto")."""
+        return sliding_is_banded(self.config, self.attention_impl, length)
 
     def encode(
         self, encoder_params: dict[str, Any], ids: Any, mask: Any, packing: Packing | None, embedded: Any, keep: bool

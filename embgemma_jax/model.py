@@ -309,12 +309,18 @@ class Packing(NamedTuple):
     positions: jax.Array
 
 
+def sliding_is_banded(cfg: EmbeddingGemmaConfig, attention_impl: str, t: int) -> bool:
+    """Whether rows of ``t`` tokens get the banded sliding-window layout (``"auto"``: where it does less work,
+    see masks.use_banded) rather than a plain [B, T, S] mask."""
+    return attention_impl == "banded" or (attention_impl == "auto" and use_banded(t, cfg.window_radius))
+
+
 def _masks_and_ropes(
     cfg: EmbeddingGemmaConfig, valid: jax.Array, dt: jnp.dtype, attention_impl: str, packing: Packing | None = None
 ) -> tuple[dict[str, AttentionMask], dict[str, tuple[jax.Array, jax.Array]]]:
     t = valid.shape[1]
     radius = cfg.window_radius
-    banded = attention_impl == "banded" or (attention_impl == "auto" and use_banded(t, radius))
+    banded = sliding_is_banded(cfg, attention_impl, t)
     if packing is None:
         positions = jnp.arange(t)
         masks: dict[str, AttentionMask] = {
