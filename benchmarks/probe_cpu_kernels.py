@@ -11,7 +11,8 @@ this compiles, with and without that option, one sliding and one full layer prog
 :mod:`embgemma_jax.layerwise` (the per-layer form) and the scanned forward program (``Engine._forward``),
 and times them (best of ``--calls``, the variants alternating), with the largest difference of each program's
 output against the default's. The engine uses XLA's kernels for the float32 layer programs of long rows
-and YNNPACK everywhere else (``layerwise.xla_kernel_options``). Writes benchmarks/results/probe_cpu_kernels.json.
+and the float32 scanned programs, and YNNPACK everywhere else (``layerwise.xla_kernel_options``).
+Writes benchmarks/results/probe_cpu_kernels.json.
 """
 
 from __future__ import annotations
@@ -34,18 +35,18 @@ def programs(eng, lp, opts, params, layers, x, given, d_ids, d_mask, emb) -> dic
     """Calls of one sliding and one full layer program and of the scanned forward, compiled with ``opts``."""
     import jax
 
-    if given:
-        f = jax.jit(lp._layer_given, **opts)
-        sliding = lambda: f(layers[0], x, *given["sliding"])  # noqa: E731
-        full = lambda: f(layers[5], x, *given["full"])  # noqa: E731
-    else:
-        f = jax.jit(lp._layer, static_argnames=("layer_type",), **opts)
-        sliding = lambda: f(layers[0], x, d_mask, None, layer_type="sliding_attention")  # noqa: E731
-        full = lambda: f(layers[5], x, d_mask, None, layer_type="full_attention")  # noqa: E731
+    given_layer = jax.jit(lp._layer_given, **opts)
+    own_layer = jax.jit(lp._layer, static_argnames=("layer_type",), **opts)
+
+    def layer(i: int, kind: str, layer_type: str):
+        if kind in given:  # a plain mask from prepare
+            return lambda: given_layer(layers[i], x, *given[kind])
+        return lambda: own_layer(layers[i], x, d_mask, None, layer_type=layer_type)  # banded or chunked
+
     g = jax.jit(eng._forward, **opts)
     return {
-        "sliding layer": sliding,
-        "full layer": full,
+        "sliding layer": layer(0, "sliding", "sliding_attention"),
+        "full layer": layer(5, "full", "full_attention"),
         "scanned forward": lambda: g(params, d_ids, d_mask, d_mask, emb).embeddings,
     }
 

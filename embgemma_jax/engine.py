@@ -45,7 +45,7 @@ from embgemma_jax import batching, sharding
 from embgemma_jax.checkpoint.placement import storage_dtype
 from embgemma_jax.checkpoint.safetensors_file import check_rows_finite
 from embgemma_jax.config import EmbeddingGemmaConfig
-from embgemma_jax.layerwise import LayerPrograms
+from embgemma_jax.layerwise import LayerPrograms, xla_kernel_options
 from embgemma_jax.model import (
     DenseHead,
     EmbeddingGemmaModule,
@@ -197,10 +197,15 @@ class Engine:
         }
         self.reference_plan = PoolingSpec("mean", config.include_prompt).plan(config.num_layers, config.normalize)
         self.mesh: jax.sharding.Mesh | None = None  # None: every batch on the default device
-        # The encoder in one program (a scan over the layer groups): accelerators and meshes.
-        self.scanned_forward = jax.jit(self._forward, static_argnames=("return_hidden_states",))
-        self.scanned_forward_packed = jax.jit(self._forward_packed, static_argnames=("num_segments",))
-        self.scanned_states = jax.jit(self._states, static_argnames=("all_layers",))
+        # The encoder in one program (a scan over the layer groups): accelerators, meshes and the CPU's larger
+        # batches. In float32 on the CPU these compile with XLA's own kernels (xla_kernel_options): by default
+        # they run batches of more than 1024 padded tokens, where ``python benchmarks/probe_cpu_kernels.py``
+        # measured them 1.03x (8 x 128) to 1.31x (8 x 640) faster than with YNNPACK's fusions, with less
+        # temporary memory (8 x 640: 201 against 301 MiB); at 8 x 32 YNNPACK is 1.04x faster.
+        kernels = xla_kernel_options(dtype)
+        self.scanned_forward = jax.jit(self._forward, static_argnames=("return_hidden_states",), **kernels)
+        self.scanned_forward_packed = jax.jit(self._forward_packed, static_argnames=("num_segments",), **kernels)
+        self.scanned_states = jax.jit(self._states, static_argnames=("all_layers",), **kernels)
         # The encoder one layer per program call (see embgemma_jax.layerwise): the CPU backend, one device.
         self.layers = LayerPrograms(config, dtype, attention_impl, self.module)
         self.per_layer: bool | None = None  # None: small batches and long rows per layer (see uses_layers)

@@ -227,8 +227,9 @@ def test_the_cpu_runs_small_batches_and_long_rows_per_layer_and_the_rest_scanned
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_long_row_layer_programs_use_xla_kernels_in_float32(tiny_ckpt, dtype):
-    """In float32 on the CPU the layer programs of long rows (own banded masks) compile with XLA's own
-    kernels, no YNNPACK fusions; the short-row program keeps them, and bfloat16 keeps them everywhere."""
+    """In float32 on the CPU the layer programs of long rows (own banded masks) and the scanned programs
+    compile with XLA's own kernels, no YNNPACK fusions; the short-row program keeps them, and bfloat16 keeps
+    them everywhere."""
     model = EmbeddingGemma.from_pretrained(tiny_ckpt, dtype=dtype)
     engine = model.engine
     params, table = engine.split_table(model.params)
@@ -244,3 +245,9 @@ def test_long_row_layer_programs_use_xla_kernels_in_float32(tiny_ckpt, dtype):
     assert list(short) == ["jit__layer_given"] and "__ynn_fusion" in short["jit__layer_given"]
     assert "jit__layer" in long  # the banded sliding layers build their masks
     assert ("__ynn_fusion" in long["jit__layer"]) == (dtype == "bfloat16")
+
+    # The scanned programs (the CPU's larger batches) likewise.
+    ids = np.full((2, 16), 7, np.int32)
+    d_ids, d_mask = engine.place("forward", ids, np.ones_like(ids), count=False)
+    scanned = engine.scanned_forward.lower(params, d_ids, d_mask, d_mask, engine.gather(table, ids)).compile()
+    assert ("__ynn_fusion" in scanned.as_text()) == (dtype == "bfloat16")
