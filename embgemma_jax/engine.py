@@ -201,7 +201,7 @@ class Engine:
         # batches. In float32 on the CPU these compile with XLA's own kernels (xla_kernel_options): by default
         # they run batches of more than 1024 padded tokens, where ``python benchmarks/probe_cpu_kernels.py``
         # measured them 1.03x (8 x 128) to 1.31x (8 x 640) faster than with YNNPACK's fusions, with less
-        # temporary memory (8 x 640: 201 against 301 MiB); at 8 x 32 YNNPACK is 1.04x faster.
+        # temporary memory (8 x 640: 201 against 301 MiB); at 8 x 32 YNNPACK is 1.03-1.05x faster.
         kernels = xla_kernel_options(dtype)
         self.scanned_forward = jax.jit(self._forward, static_argnames=("return_hidden_states",), **kernels)
         self.scanned_forward_packed = jax.jit(self._forward_packed, static_argnames=("num_segments",), **kernels)

@@ -60,9 +60,9 @@ def xla_kernel_options(dtype: Any) -> dict[str, Any]:
     empty). Used by the layer programs that build banded or chunked masks (long rows) and by the engine's
     scanned programs. ``python benchmarks/probe_cpu_kernels.py`` (full-size model, float32): XLA's kernels run
     a layer 1.03x faster at 8 x 128 tokens, 1.1x at 8 x 448, 1.2-1.3x at 8 x 640, 32 x 256 and 4 x 2048, and
-    the scanned forward 1.15-1.31x faster from 8 x 448; YNNPACK is 1.04-1.2x faster at 8 x 64 tokens and
-    below, so the layer programs given their masks (small batches) keep it. In bfloat16 YNNPACK is 1.5-1.8x
-    faster at every size. Empty on other backends and dtypes."""
+    the scanned forward 1.15-1.31x faster from 8 x 448; at 8 x 64 tokens and below they tie or YNNPACK is
+    up to 1.05x faster (8 x 32), so the layer programs given their masks (small batches) keep it. In
+    bfloat16 YNNPACK is 1.5-1.8x faster at every size. Empty on other backends and dtypes."""
     if jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32:
         return {}
     return {"compiler_options": {"xla_cpu_experimental_ynn_fusion_type": ""}}

@@ -226,7 +226,7 @@ def test_the_cpu_runs_small_batches_and_long_rows_per_layer_and_the_rest_scanned
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_long_row_layer_programs_use_xla_kernels_in_float32(tiny_ckpt, dtype):
+def test_float32_long_row_and_scanned_programs_use_xla_kernels(tiny_ckpt, dtype):
     """In float32 on the CPU the layer programs of long rows (own banded masks) and the scanned programs
     compile with XLA's own kernels, no YNNPACK fusions; the short-row program keeps them, and bfloat16 keeps
     them everywhere."""
@@ -234,10 +234,13 @@ def test_long_row_layer_programs_use_xla_kernels_in_float32(tiny_ckpt, dtype):
     engine = model.engine
     params, table = engine.split_table(model.params)
 
-    def layer_hlo(length: int) -> dict[str, str]:
+    def placed(length: int) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         ids = np.full((2, length), 7, np.int32)
         d_ids, d_mask = engine.place("forward", ids, np.ones_like(ids), count=False)
-        jobs = engine.layers.compile_jobs(params, d_ids, d_mask, engine.gather(table, ids))
+        return d_ids, d_mask, engine.gather(table, ids)
+
+    def layer_hlo(length: int) -> dict[str, str]:
+        jobs = engine.layers.compile_jobs(params, *placed(length))
         texts = [job().as_text() for job in jobs[1:-1]]  # the layer programs
         return {text.split(",", 1)[0].removeprefix("HloModule "): text for text in texts}
 
@@ -247,7 +250,6 @@ def test_long_row_layer_programs_use_xla_kernels_in_float32(tiny_ckpt, dtype):
     assert ("__ynn_fusion" in long["jit__layer"]) == (dtype == "bfloat16")
 
     # The scanned programs (the CPU's larger batches) likewise.
-    ids = np.full((2, 16), 7, np.int32)
-    d_ids, d_mask = engine.place("forward", ids, np.ones_like(ids), count=False)
-    scanned = engine.scanned_forward.lower(params, d_ids, d_mask, d_mask, engine.gather(table, ids)).compile()
+    d_ids, d_mask, embedded = placed(16)
+    scanned = engine.scanned_forward.lower(params, d_ids, d_mask, d_mask, embedded).compile()
     assert ("__ynn_fusion" in scanned.as_text()) == (dtype == "bfloat16")
